@@ -1,0 +1,475 @@
+"""Elastic Llama / Qwen3 for vLLM: one copy of the parent's weights, a budget per token.
+
+Every forward groups the batch's tokens by budget once (``_plan``). Each group runs the
+layer stack on views of the parent weights sliced to its budget (hidden channels, heads,
+MLP channels, kept layers); a batch whose tokens share one budget runs with no gather.
+Attention runs once per layer for the whole batch at the parent's head count, so K/V are
+written at full width at every budget (a skipped layer still writes K/V computed from
+the residual stream it passes through): the answer phase can attend to thinking K/V.
+Query heads a budget drops are zero (kept groups' extra heads are masked after
+attention), so a budget's kept heads see exactly the sliced model's attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm import ir
+from vllm.config import VllmConfig
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.sequence import IntermediateTensors
+
+from vllm_elastic.batch_state import ElasticBatchState, lookup_state
+from vllm_elastic.budgets import Budget, ElasticSpec
+from vllm_elastic.layout import (
+    channels_of_rank,
+    kv_rows_of_rank,
+    q_rows_of_rank,
+)
+
+Index = slice | torch.Tensor
+
+
+def _take(t: torch.Tensor, idx: Index) -> torch.Tensor:
+    return t[idx] if isinstance(idx, slice) else t.index_select(0, idx)
+
+
+def _put(dst: torch.Tensor, idx: Index, src: torch.Tensor) -> None:
+    dst[idx] = src
+
+
+@dataclass(frozen=True)
+class _LayerCut:
+    """One budget's slice sizes in one layer, local to this tensor-parallel rank."""
+
+    kept: bool
+    hidden: int
+    q_rows: int  # q rows of the kept KV groups (all their heads)
+    kv_groups: int  # kept local KV heads
+    heads_per_group: int  # kept query heads per KV group
+    inter: int  # kept local MLP channels
+
+
+@dataclass
+class _Segment:
+    """The tokens of one budget in this forward, and their residual stream."""
+
+    budget: int
+    idx: Index
+    hidden: torch.Tensor
+    residual: torch.Tensor | None = None
+
+
+class ElasticDecoderLayer(nn.Module):
+    """A Llama/Qwen3 decoder layer whose weights are sliced per token group."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, spec: ElasticSpec, layer: int, qk_norm: bool, prefix: str
+    ) -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        p = spec.parent
+        self.layer = layer
+        self.head_dim = p.head_dim
+        self.group = p.group_size
+        self.n_q = p.num_attention_heads // self.tp_size
+        self.n_kv = p.num_key_value_heads // self.tp_size
+        self.q_size = self.n_q * p.head_dim
+        self.kv_size = self.n_kv * p.head_dim
+        self.inter = p.intermediate_size // self.tp_size
+        hidden = p.hidden_size
+        attn_bias = bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+
+        self.qkv_weight = nn.Parameter(
+            torch.empty(self.q_size + 2 * self.kv_size, hidden), requires_grad=False
+        )
+        self.o_weight = nn.Parameter(torch.empty(hidden, self.q_size), requires_grad=False)
+        self.gate_up_weight = nn.Parameter(
+            torch.empty(2 * self.inter, hidden), requires_grad=False
+        )
+        self.down_weight = nn.Parameter(torch.empty(hidden, self.inter), requires_grad=False)
+        self.qkv_bias = self.o_bias = self.gate_up_bias = self.down_bias = None
+        if attn_bias:
+            self.qkv_bias = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size))
+            self.o_bias = nn.Parameter(torch.empty(hidden))
+        if mlp_bias:
+            self.gate_up_bias = nn.Parameter(torch.empty(2 * self.inter))
+            self.down_bias = nn.Parameter(torch.empty(hidden))
+
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
+        self.eps = eps
+        self.q_norm = RMSNorm(p.head_dim, eps=eps) if qk_norm else None
+        self.k_norm = RMSNorm(p.head_dim, eps=eps) if qk_norm else None
+        self.rotary_emb = get_rope(
+            p.head_dim,
+            max_position=getattr(config, "max_position_embeddings", 8192),
+            rope_parameters=getattr(config, "rope_parameters", None),
+            is_neox_style=True,
+        )
+        self.attn = Attention(
+            self.n_q,
+            p.head_dim,
+            p.head_dim**-0.5,
+            num_kv_heads=self.n_kv,
+            cache_config=vllm_config.cache_config,
+            quant_config=None,
+            prefix=f"{prefix}.self_attn.attn",
+        )
+        self.cuts = [self._cut(b) for b in spec.budgets]
+
+    def _cut(self, b: Budget) -> _LayerCut:
+        kv_groups = b.num_key_value_heads // self.tp_size
+        return _LayerCut(
+            kept=b.keeps_layer(self.layer),
+            hidden=b.hidden_size,
+            q_rows=kv_groups * self.group * self.head_dim,
+            kv_groups=kv_groups,
+            heads_per_group=b.group_size,
+            inter=b.intermediate_sizes[self.layer] // self.tp_size,
+        )
+
+    # ----------------------------------------------------------------- weight loading
+    def load_hf_weight(self, name: str, w: torch.Tensor) -> list[str]:
+        """Copy one HF tensor (``self_attn.q_proj.weight`` etc.) into this rank's layout.
+
+        Returns the names of the parameters it wrote.
+        """
+        p_heads, p_kv = self.n_q * self.tp_size, self.n_kv * self.tp_size
+        hd, tp, rank = self.head_dim, self.tp_size, self.tp_rank
+        q_rows = q_rows_of_rank(p_heads, p_kv, hd, tp, rank)
+        kv_rows = kv_rows_of_rank(p_kv, hd, tp, rank)
+        ch = channels_of_rank(self.inter * tp, tp, rank)
+        qs, ks = self.q_size, self.kv_size
+        kind = name.rsplit(".", 1)[-1]  # weight | bias
+        module = name.rsplit(".", 1)[0]
+        target = {
+            "self_attn.q_proj": ("qkv", slice(0, qs), q_rows),
+            "self_attn.k_proj": ("qkv", slice(qs, qs + ks), kv_rows),
+            "self_attn.v_proj": ("qkv", slice(qs + ks, qs + 2 * ks), kv_rows),
+        }.get(module)
+        if target is not None:
+            param = getattr(self, f"{target[0]}_{kind}")
+            param.data[target[1]].copy_(w[target[2]])
+            return [f"{target[0]}_{kind}"]
+        if module == "self_attn.o_proj":
+            if kind == "weight":
+                self.o_weight.data.copy_(w[:, q_rows])
+            else:
+                self.o_bias.data.copy_(w)
+            return [f"o_{kind}"]
+        if module in ("mlp.gate_proj", "mlp.up_proj"):
+            param = getattr(self, f"gate_up_{kind}")
+            half = 0 if module == "mlp.gate_proj" else 1
+            param.data.view(self.inter, 2, *param.shape[1:])[:, half].copy_(w[ch])
+            return [f"gate_up_{kind}"]
+        if module == "mlp.down_proj":
+            if kind == "weight":
+                self.down_weight.data.copy_(w[:, ch])
+            else:
+                self.down_bias.data.copy_(w)
+            return [f"down_{kind}"]
+        params = dict(self.named_parameters())
+        if name in params:
+            default_weight_loader(params[name], w)
+            return [name]
+        raise KeyError(name)
+
+    # ----------------------------------------------------------------------- forward
+    def _norm(
+        self, weight: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's (fused add +) RMSNorm over the first ``x.shape[-1]`` channels."""
+        w = weight[: x.shape[-1]]
+        if residual is None:
+            return ir.ops.rms_norm(x, w, self.eps), x
+        return ir.ops.fused_add_rms_norm(x, residual, w, self.eps)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return tensor_model_parallel_all_reduce(x) if self.tp_size > 1 else x
+
+    def forward(
+        self, positions: torch.Tensor, segments: list[_Segment], num_tokens: int
+    ) -> None:
+        """Run the layer for every segment, updating each segment's stream in place."""
+        qs, ks = self.q_size, self.kv_size
+        w_qkv, b_qkv = self.qkv_weight, self.qkv_bias
+        single = len(segments) == 1
+        q = k = v = None
+        if not single:
+            q = w_qkv.new_zeros(num_tokens, qs)
+            k = w_qkv.new_empty(num_tokens, ks)
+            v = w_qkv.new_empty(num_tokens, ks)
+        for seg in segments:
+            cut = self.cuts[seg.budget]
+            h = cut.hidden
+            if cut.kept:
+                seg.hidden, seg.residual = self._norm(
+                    self.input_layernorm.weight, seg.hidden, seg.residual
+                )
+                x = seg.hidden
+            else:  # skipped layer: K/V only, from the stream it passes through
+                stream = seg.hidden if seg.residual is None else seg.hidden + seg.residual
+                x, _ = self._norm(self.input_layernorm.weight, stream, None)
+            if cut.kept and cut.q_rows == qs:
+                qkv = F.linear(x, w_qkv[:, :h], b_qkv)
+                sq, skv = qkv[:, :qs], qkv[:, qs:]
+            else:
+                skv = F.linear(x, w_qkv[qs:, :h], None if b_qkv is None else b_qkv[qs:])
+                sq = None
+                if cut.kept:
+                    rows = cut.q_rows
+                    sq = F.linear(x, w_qkv[:rows, :h], None if b_qkv is None else b_qkv[:rows])
+            if single:
+                k, v = skv[:, :ks], skv[:, ks:]
+                if sq is not None and sq.shape[1] == qs:
+                    q = sq
+                else:
+                    q = w_qkv.new_zeros(num_tokens, qs)
+                    if sq is not None:
+                        q[:, : sq.shape[1]] = sq
+            else:
+                _put(k, seg.idx, skv[:, :ks])
+                _put(v, seg.idx, skv[:, ks:])
+                if sq is not None:
+                    _put(q[:, : sq.shape[1]], seg.idx, sq)
+
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(num_tokens, self.n_q, self.head_dim)).view(num_tokens, qs)
+            k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(
+                num_tokens, ks
+            )
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v)
+
+        for seg in segments:
+            cut = self.cuts[seg.budget]
+            if not cut.kept:
+                continue
+            self._finish(seg, cut, _take(out, seg.idx)[:, : cut.q_rows])
+
+    def _finish(self, seg: _Segment, cut: _LayerCut, attn: torch.Tensor) -> None:
+        """o_proj, residual, MLP for one segment."""
+        h = cut.hidden
+        if cut.heads_per_group < self.group:
+            attn = attn.reshape(attn.shape[0], cut.kv_groups, self.group, self.head_dim).clone()
+            attn[:, :, cut.heads_per_group :] = 0
+            attn = attn.view(attn.shape[0], -1)
+        o = self._reduce(F.linear(attn, self.o_weight[:h, : cut.q_rows]))
+        if self.o_bias is not None:
+            o = o + self.o_bias[:h]
+        x, seg.residual = self._norm(self.post_attention_layernorm.weight, o, seg.residual)
+        rows = 2 * cut.inter
+        b_gu = None if self.gate_up_bias is None else self.gate_up_bias[:rows]
+        gu = F.linear(x, self.gate_up_weight[:rows, :h], b_gu)
+        act = F.silu(gu[:, 0::2]) * gu[:, 1::2]
+        d = self._reduce(F.linear(act, self.down_weight[:h, : cut.inter]))
+        if self.down_bias is not None:
+            d = d + self.down_bias[:h]
+        seg.hidden = d
+
+
+class ElasticForCausalLM(nn.Module):
+    """Base class of the elastic causal LMs; subclasses pick the attention flavour."""
+
+    qk_norm = False
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.vllm_config = vllm_config
+        self.spec: ElasticSpec = config.elastic_spec
+        tp = get_tensor_model_parallel_world_size()
+        self.spec.check_tensor_parallel(tp)
+        if get_pp_group().world_size > 1:
+            raise NotImplementedError("elastic models do not support pipeline parallelism")
+        hidden = self.spec.parent.hidden_size
+        self.hidden_size = hidden
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden)
+        self.layers = nn.ModuleList(
+            ElasticDecoderLayer(
+                vllm_config, self.spec, i, self.qk_norm, prefix=f"model.layers.{i}"
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.eps = config.rms_norm_eps
+        self.lm_head = ParallelLMHead(config.vocab_size, hidden, prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
+        self.logits_processor = LogitsProcessor(
+            config.vocab_size, scale=getattr(config, "logit_scale", 1.0)
+        )
+        self.widths = np.array([b.hidden_size for b in self.spec.budgets])
+        self.full_index = self.spec.full.index
+        self._state: ElasticBatchState | None = None
+        self._logit_budgets: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ batch plan
+    def _batch_state(self) -> ElasticBatchState | None:
+        if self._state is None:
+            self._state = lookup_state(self.vllm_config)
+        return self._state
+
+    def _token_budgets(self, positions: torch.Tensor, num_tokens: int) -> np.ndarray:
+        """Budget index per token; records the logits rows' budgets for compute_logits."""
+        self._logit_budgets = None
+        state = self._batch_state()
+        meta = None
+        if state is not None and is_forward_context_available():
+            meta = get_forward_context().attn_metadata
+            if isinstance(meta, list):
+                meta = meta[0] if meta else None
+            if isinstance(meta, dict):
+                meta = next(iter(meta.values()), None)
+        qsl = getattr(meta, "query_start_loc", None)
+        if state is None or qsl is None:  # profile / dummy runs
+            return np.full(num_tokens, self.full_index)
+        qsl = qsl.cpu().numpy()
+        counts = np.diff(qsl)
+        tb = state.token_budgets(counts, positions.cpu().numpy())
+        if len(tb) < num_tokens:  # padding tokens (no request) follow the first budget
+            tb = np.concatenate([tb, np.full(num_tokens - len(tb), tb[0] if len(tb) else 0)])
+        self._logit_budgets = tb[qsl[1:] - 1] if len(counts) else None
+        return tb
+
+    @staticmethod
+    def _segments_of(tb: np.ndarray, device: torch.device) -> list[tuple[int, Index]]:
+        first = int(tb[0])
+        if (tb == first).all():
+            return [(first, slice(0, len(tb)))]
+        out: list[tuple[int, Index]] = []
+        for b in np.unique(tb):
+            pos = np.flatnonzero(tb == b)
+            if pos[-1] - pos[0] + 1 == len(pos):
+                out.append((int(b), slice(int(pos[0]), int(pos[-1]) + 1)))
+            else:
+                out.append((int(b), torch.from_numpy(pos).to(device)))
+        return out
+
+    # --------------------------------------------------------------------- forward
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeds = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        num_tokens = embeds.shape[0]
+        tb = self._token_budgets(positions, num_tokens)
+        segments = []
+        for budget, idx in self._segments_of(tb, embeds.device):
+            h = int(self.widths[budget])
+            segments.append(_Segment(budget, idx, _take(embeds, idx)[:, :h].contiguous()))
+        for layer in self.layers:
+            layer(positions, segments, num_tokens)
+        if len(segments) == 1 and int(self.widths[segments[0].budget]) == self.hidden_size:
+            return self._final_norm(segments[0])
+        out = embeds.new_zeros(num_tokens, self.hidden_size)
+        for seg in segments:
+            _put(out[:, : seg.hidden.shape[1]], seg.idx, self._final_norm(seg))
+        return out
+
+    def _final_norm(self, seg: _Segment) -> torch.Tensor:
+        w = self.norm.weight[: seg.hidden.shape[1]]
+        if seg.residual is None:
+            return ir.ops.rms_norm(seg.hidden, w, self.eps)
+        return ir.ops.fused_add_rms_norm(seg.hidden, seg.residual, w, self.eps)[0]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits per row at the row's budget width (hidden channels past it are zero)."""
+        rb = self._logit_budgets
+        if rb is None or len(rb) != hidden_states.shape[0]:
+            return self.logits_processor(self.lm_head, hidden_states)
+        widths = self.widths[rb]
+        if (widths == self.hidden_size).all():
+            return self.logits_processor(self.lm_head, hidden_states)
+        if (widths == widths[0]).all():
+            return self._sliced_logits(hidden_states, int(widths[0]))
+        logits = None
+        for w in np.unique(widths):
+            rows = torch.from_numpy(np.flatnonzero(widths == w)).to(hidden_states.device)
+            part = self._sliced_logits(hidden_states.index_select(0, rows), int(w))
+            if part is None:
+                return None
+            if logits is None:
+                logits = part.new_empty(hidden_states.shape[0], part.shape[1])
+            logits[rows] = part
+        return logits
+
+    def _sliced_logits(self, hidden: torch.Tensor, width: int) -> torch.Tensor | None:
+        lp = self.logits_processor
+        logits = F.linear(hidden[:, :width], self.lm_head.weight[:, :width])
+        if self.lm_head.tp_size > 1:
+            logits = lp._gather_logits(logits)
+            if logits is None:
+                return None
+        logits = logits[..., : lp.org_vocab_size]
+        if lp.scale != 1.0:
+            logits = logits * lp.scale
+        return logits
+
+    # ---------------------------------------------------------------- weight loading
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, w in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if name.startswith("model.layers."):
+                rest = name[len("model.layers.") :]
+                layer_s, sub = rest.split(".", 1)
+                layer = int(layer_s)
+                for pname in self.layers[layer].load_hf_weight(sub, w):
+                    loaded.add(f"layers.{layer}.{pname}")
+                continue
+            local = name[len("model.") :] if name.startswith("model.") else name
+            if local not in params:
+                raise KeyError(f"unexpected weight {name!r} in the elastic checkpoint")
+            param = params[local]
+            getattr(param, "weight_loader", default_weight_loader)(param, w)
+            loaded.add(local)
+        return loaded
+
+
+class ElasticLlamaForCausalLM(ElasticForCausalLM):
+    """Elastic Llama (``model_type: elastic_llama``)."""
+
+    qk_norm = False
+
+
+class ElasticQwen3ForCausalLM(ElasticForCausalLM):
+    """Elastic Qwen3 (``model_type: elastic_qwen3``), with per-head q/k RMSNorm."""
+
+    qk_norm = True
