@@ -194,6 +194,7 @@ class ElasticDecoderLayer(nn.Module):
                 self.down_bias.data.copy_(w)
             return [f"down_{kind}"]
         params = dict(self.named_parameters())
+        name = name.removeprefix("self_attn.")  # q_norm / k_norm live on the layer
         if name in params:
             default_weight_loader(params[name], w)
             return [name]

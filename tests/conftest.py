@@ -1,0 +1,231 @@
+"""Shared fixtures: tiny random elastic checkpoints, their sliced references, engines.
+
+vLLM runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the ~20 s import is paid
+once per session and every later engine starts in a few seconds. Engines are shared per
+checkpoint; one engine serves every budget.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from vllm_elastic.checkpoint import build_random_checkpoint, slice_checkpoint  # noqa: E402
+
+# Each checkpoint exercises different odd shapes; see the budget comments.
+CHECKPOINTS: dict[str, dict[str, Any]] = {
+    "llama_bias": dict(
+        family="llama",
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,  # GQA, 4 groups of 2
+        head_dim=32,
+        intermediate_size=256,
+        attention_bias=True,
+        mlp_bias=True,
+        seed=1,
+        budgets=[
+            {"name": "full"},
+            # half the KV groups, all their query heads: a plain prefix
+            {"name": "kv_half", "num_key_value_heads": 2, "num_attention_heads": 4},
+            # every KV group kept, one query head of two per group (masked heads)
+            {"name": "q_thin", "num_attention_heads": 4, "hidden_size": 96},
+            # hidden slicing + per-layer MLP + skipped layer
+            {
+                "name": "tiny",
+                "hidden_size": 64,
+                "num_key_value_heads": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": [128, 64, 192, 96],
+                "layers": [0, 2, 3],
+            },
+        ],
+    ),
+    "qwen3_tied": dict(
+        family="qwen3",
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=256,
+        tie_word_embeddings=True,
+        seed=2,
+        default_budget="half",
+        budgets=[
+            {"name": "full"},
+            {"name": "half", "hidden_size": 64, "intermediate_size": 128},
+            {"name": "deep", "layers": [1, 3], "num_key_value_heads": 1, "num_attention_heads": 2},
+        ],
+    ),
+}
+
+ENGINE_KWARGS: dict[str, Any] = dict(
+    dtype="float32",
+    max_model_len=512,
+    kv_cache_memory_bytes=64 << 20,
+    enforce_eager=True,
+    max_num_seqs=32,
+    # small token budget per step: long prompts are chunked and share steps with decodes
+    max_num_batched_tokens=64,
+    enable_prefix_caching=False,
+)
+
+PROMPT_LENGTHS = (3, 11, 40, 97)
+
+
+def budget_names(name: str) -> list[str]:
+    return [b["name"] for b in CHECKPOINTS[name]["budgets"]]
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ckpts")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(ckpt_root: Path):
+    """``checkpoint(name)`` -> path of the built elastic checkpoint (built once)."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_random_checkpoint(ckpt_root / name, **CHECKPOINTS[name])
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sliced(checkpoint, ckpt_root: Path):
+    """``sliced(name, budget)`` -> path of the stock checkpoint sliced from it."""
+    done: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, budget: str) -> Path:
+        key = (name, budget)
+        if key not in done:
+            done[key] = slice_checkpoint(checkpoint(name), budget, ckpt_root / f"{name}-{budget}")
+        return done[key]
+
+    return get
+
+
+class EnginePool:
+    """Holds at most one live engine: vLLM's in-process engines share global parallel
+    state, so one must be shut down before the next starts."""
+
+    def __init__(self) -> None:
+        self.key: Any = None
+        self.llm: Any = None
+
+    def get(self, key: Any, model: Path, **overrides: Any) -> Any:
+        if self.key != key:
+            self.close()
+            from vllm import LLM
+
+            self.llm = LLM(str(model), **{**ENGINE_KWARGS, **overrides})
+            self.key = key
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            # shut down now: a later garbage collection would tear down the global
+            # parallel state under the next engine
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            self.key = None
+            gc.collect()
+
+
+@pytest.fixture(scope="session")
+def engines() -> Iterator[EnginePool]:
+    pool = EnginePool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[list[int]]:
+    """Token-id prompts of different lengths (deterministic, no special tokens)."""
+    import random
+
+    rng = random.Random(7)
+    return [[rng.randrange(12, 200) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+REF_MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="session")
+def reference(sliced, prompts, engines):
+    """``reference(name, budget)`` -> stock vLLM greedy outputs on the sliced checkpoint
+    (token ids and top logprobs per prompt, REF_MAX_TOKENS each). All budgets of a
+    checkpoint are computed together, once."""
+    cache: dict[tuple[str, str], list[Any]] = {}
+
+    def get(name: str, budget: str) -> list[Any]:
+        if (name, budget) not in cache:
+            for b in budget_names(name):
+                llm = engines.get(("stock", name, b), sliced(name, b))
+                cache[(name, b)] = greedy(llm, prompts, [None] * len(prompts), REF_MAX_TOKENS)
+            engines.close()
+        return cache[(name, budget)]
+
+    return get
+
+
+def greedy(llm: Any, prompts: list[list[int]], extra: list[Any], max_tokens) -> list[Any]:
+    """Greedy outputs as (token ids, [{token: logprob}] per step) per prompt."""
+    from vllm import SamplingParams
+
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(prompts)
+    params = [
+        SamplingParams(
+            max_tokens=m, temperature=0.0, logprobs=5, ignore_eos=True, extra_args=e
+        )
+        for e, m in zip(extra, max_tokens)
+    ]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [
+        (
+            list(o.outputs[0].token_ids),
+            [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
+        )
+        for o in outs
+    ]
+
+
+LOGPROB_ATOL = 1e-4  # fp32; observed differences are ~3e-6
+
+
+def assert_same_output(got: Any, want: Any, what: str) -> None:
+    """Identical greedy ids; top-logprobs of every step within LOGPROB_ATOL."""
+    ids, lps = got
+    ref_ids, ref_lps = want
+    assert ids == ref_ids, f"{what}: token ids differ\n got {ids}\nwant {ref_ids}"
+    for step, (a, b) in enumerate(zip(lps, ref_lps)):
+        for tok in set(a) & set(b):
+            assert abs(a[tok] - b[tok]) <= LOGPROB_ATOL, (
+                f"{what}: step {step} token {tok} logprob {a[tok]} vs {b[tok]}"
+            )
+
+
+@pytest.fixture(scope="session")
+def elastic_llm(checkpoint, engines):
+    """``elastic_llm(name, **overrides)`` -> the (shared) elastic engine for a checkpoint."""
+
+    def get(name: str, **overrides: Any) -> Any:
+        key = ("elastic", name, tuple(sorted(overrides.items())))
+        return engines.get(key, checkpoint(name), **overrides)
+
+    return get
