@@ -50,6 +50,10 @@ class ElasticModelConfig:
             # graphs and torch.compile would freeze one routing.
             logger.info("vllm-elastic: forcing enforce_eager=True (per-forward budget routing)")
             model_config.enforce_eager = True
+        scheduler_config = vllm_config.scheduler_config
+        if scheduler_config.scheduler_cls is None:
+            # preempts `elastic_kv_mode: recompute` requests at the switch (scheduler.py)
+            scheduler_config.scheduler_cls = "vllm_elastic.scheduler.ElasticScheduler"
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
             # Model Runner V2 rejects V1 logits processors, which track budgets per row.
             logger.info("vllm-elastic: selecting the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")

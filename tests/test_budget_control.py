@@ -1,0 +1,249 @@
+"""Elastic budget control: think at a small budget, answer at a large one, switched in
+flight at the end-of-thinking marker. The end of thinking is forced by vLLM's own
+``thinking_token_budget`` (random models never close thinking on their own), which also
+checks that the switch composes with vLLM's standard budget control."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ENGINE_KWARGS, EnginePool
+
+NAME = "llama_bias"
+THINK, ANSWER = "tiny", "full"
+REASONING = dict(reasoning_parser="qwen3")  # <think> ... </think>
+THINK_TOKENS = (3, 6, 9)
+ANSWER_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def markers(checkpoint) -> tuple[int, int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint(NAME))
+    start, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    return start, end
+
+
+@pytest.fixture(scope="module")
+def think_prompts(prompts, markers) -> list[list[int]]:
+    """Prompts that open a thinking phase."""
+    return [p + [markers[0]] for p in prompts]
+
+
+def run(llm: Any, prompts, extra, think_tokens, max_tokens) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            thinking_token_budget=t,
+            extra_args=e,
+        )
+        for e, t in zip(extra, think_tokens)
+    ]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def cases(think_prompts) -> list[tuple[list[int], int]]:
+    return [(p, THINK_TOKENS[i % len(THINK_TOKENS)]) for i, p in enumerate(think_prompts)]
+
+
+@pytest.fixture(scope="module")
+def hand_reference(sliced, think_prompts, markers, engines: EnginePool):
+    """Built by hand from stock vLLM: the sliced small checkpoint thinks (capped by
+    thinking_token_budget), then the sliced large checkpoint continues from prompt + trace."""
+    todo = cases(think_prompts)
+    small = engines.get(("stock-think", THINK), sliced(NAME, THINK), **REASONING)
+    traces = run(small, [p for p, _ in todo], [None] * len(todo), [t for _, t in todo], 64)
+    traces = [tr[: t + 1] for tr, (_, t) in zip(traces, todo)]
+    for tr, (_, t) in zip(traces, todo):
+        assert tr[-1] == markers[1], "thinking_token_budget did not force </think>"
+    large = engines.get(("stock-answer", ANSWER), sliced(NAME, ANSWER), **REASONING)
+    conts = run(
+        large,
+        [p + tr for (p, _), tr in zip(todo, traces)],
+        [None] * len(todo),
+        [None] * len(todo),
+        ANSWER_TOKENS,
+    )
+    engines.close()
+    return traces, conts
+
+
+@pytest.fixture(scope="module")
+def switch_llm(checkpoint, engines: EnginePool):
+    def get(**overrides: Any) -> Any:
+        key = ("switch", tuple(sorted(overrides.items())))
+        return engines.get(key, checkpoint(NAME), **{**REASONING, **overrides})
+
+    return get
+
+
+POLICY = {"elastic_think_budget": THINK, "elastic_answer_budget": ANSWER}
+
+
+def test_recompute_equals_small_trace_then_large_continuation(
+    hand_reference, switch_llm, think_prompts
+):
+    traces, conts = hand_reference
+    todo = cases(think_prompts)
+    extra = [{**POLICY, "elastic_kv_mode": "recompute"}] * len(todo)
+    got = run(switch_llm(), [p for p, _ in todo], extra, [t for _, t in todo], 0 or 64)
+    for i, (g, tr, co) in enumerate(zip(got, traces, conts)):
+        want = tr + co
+        assert g[: len(want)] == want, f"prompt {i}: recompute\n got {g}\nwant {want}"
+
+
+def test_switch_position_and_mixed_policies_in_one_batch(
+    hand_reference, switch_llm, think_prompts, monkeypatch
+):
+    """Reuse and recompute rows, single-budget rows, all interleaved: each row's thinking
+    trace equals the small model's, and recompute rows equal the hand reference; every
+    reuse row is identical to the same request run alone."""
+    traces, conts = hand_reference
+    todo = cases(think_prompts)
+    llm = switch_llm()
+    alone = [
+        run(llm, [p], [{**POLICY, "elastic_kv_mode": "reuse"}], [t], 24)[0] for p, t in todo
+    ]
+    batch, extra, thinks, kinds = [], [], [], []
+    for i, (p, t) in enumerate(todo):
+        for kind, e in (
+            ("reuse", {**POLICY}),
+            ("recompute", {**POLICY, "elastic_kv_mode": "recompute"}),
+            ("full", {"elastic_budget": "full"}),
+        ):
+            batch.append(p)
+            extra.append(e)
+            thinks.append(t)
+            kinds.append((kind, i))
+    got = run(llm, batch, extra, thinks, 24)
+    for g, (kind, i) in zip(got, kinds):
+        tr = traces[i]
+        if kind == "reuse":
+            assert g[: len(tr)] == tr, f"reuse {i}: thinking differs from the small model"
+            assert g == alone[i], f"reuse {i}: batch composition changed the output"
+        elif kind == "recompute":
+            want = tr + conts[i]
+            assert g[: len(want)] == want, f"recompute {i} in a mixed batch"
+
+
+def test_answer_budget_starts_at_the_marker(switch_llm, think_prompts, monkeypatch):
+    """White-box: every token fed at or after the marker's position ran at the answer
+    budget, every earlier token at the thinking budget."""
+    from vllm_elastic.batch_state import ElasticBatchState
+
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    real = ElasticBatchState.token_budgets
+
+    def spy(self, counts, positions):
+        out = real(self, counts, positions)
+        seen.append((np.array(positions[: len(out)]), np.array(out)))
+        return out
+
+    monkeypatch.setattr(ElasticBatchState, "token_budgets", spy)
+    prompt, t = think_prompts[2], 5
+    run(switch_llm(), [prompt], [POLICY], [t], 12)
+    marker_pos = len(prompt) + t  # output index t is the forced </think>
+    by_pos = {}
+    for pos, budgets in seen:
+        by_pos.update(zip(pos.tolist(), budgets.tolist()))
+    assert sorted(by_pos) == list(range(len(prompt) + 11))
+    think_idx, answer_idx = 3, 0  # order of the budgets in the checkpoint config
+    for pos, b in by_pos.items():
+        assert b == (answer_idx if pos >= marker_pos else think_idx), (pos, b)
+
+
+def test_prompt_that_closed_thinking_answers_from_the_start(
+    switch_llm, reference, prompts, markers, sliced, engines
+):
+    """A prompt containing <think> ... </think> skips thinking: the whole request runs
+    at the answer budget (checked against stock vLLM on the large sliced checkpoint)."""
+    start, end = markers
+    prompt = prompts[1] + [start, 40, 41, end]
+    stock = engines.get(("stock-answer-plain", ANSWER), sliced(NAME, ANSWER))
+    want = run(stock, [prompt], [None], [None], 10)[0]
+    for mode in ("reuse", "recompute"):
+        got = run(switch_llm(), [prompt], [{**POLICY, "elastic_kv_mode": mode}], [None], 10)
+        assert got[0] == want, f"{mode}: prompt with a closed thinking phase"
+
+
+def test_preemption_and_resume_keep_outputs(switch_llm, think_prompts):
+    """A KV cache too small for the batch forces preemptions; resumed rows re-prefill
+    their context at the right budgets, so outputs equal the unpreempted run."""
+    todo = cases(think_prompts) * 3
+    extra = [
+        {**POLICY, "elastic_kv_mode": "recompute" if i % 2 else "reuse"}
+        for i in range(len(todo))
+    ]
+    prompts_, thinks = [p for p, _ in todo], [t for _, t in todo]
+    want = run(switch_llm(), prompts_, extra, thinks, 40)
+
+    llm = switch_llm(kv_cache_memory_bytes=640 * 4096, max_num_seqs=8)
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    count = {"n": 0}
+    real = sched._preempt_request
+
+    def counting(*a, **k):
+        count["n"] += 1
+        return real(*a, **k)
+
+    sched._preempt_request = counting
+    got = run(llm, prompts_, extra, thinks, 40)
+    assert count["n"] > len(todo) // 2, "the small KV cache did not force preemptions"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"request {i} ({extra[i]['elastic_kv_mode']}) changed after preemption"
+
+
+def test_prefix_caching_with_switching_schedules(switch_llm, think_prompts):
+    """Same prompt under several schedules with prefix caching on: every output equals
+    the uncached engine's (no K/V crosses schedules)."""
+    prompt, t = think_prompts[3], 4
+    schedules = [
+        {**POLICY},
+        {**POLICY, "elastic_kv_mode": "recompute"},
+        {"elastic_budget": THINK},
+        {"elastic_budget": ANSWER},
+    ]
+    want = [run(switch_llm(), [prompt], [s], [t], 16)[0] for s in schedules]
+    cached = switch_llm(enable_prefix_caching=True, block_size=32)
+    for _ in range(2):
+        for s, w in zip(schedules, want):
+            assert run(cached, [prompt], [s], [t], 16)[0] == w, f"cached {s}"
+
+
+def test_engine_default_policy(checkpoint, engines, switch_llm, think_prompts):
+    """An engine-wide default policy applies to requests that give no keys; a request
+    key still overrides it."""
+    prompt, t = think_prompts[0], 4
+    base = switch_llm()
+    want_switch = run(base, [prompt], [POLICY], [t], 12)[0]
+    want_full = run(base, [prompt], [{"elastic_budget": "full"}], [t], 12)[0]
+    llm = engines.get(
+        ("default-policy",),
+        checkpoint(NAME),
+        **REASONING,
+        additional_config={"elastic": {**POLICY}},
+    )
+    assert run(llm, [prompt], [None], [t], 12)[0] == want_switch
+    assert run(llm, [prompt], [{"elastic_budget": "full"}], [t], 12)[0] == want_full
+
+
+def test_bad_default_policy_fails_at_startup(checkpoint, engines):
+    engines.close()
+    with pytest.raises(Exception, match="unknown budget 'huge'"):
+        engines.get(
+            ("bad-default",),
+            checkpoint(NAME),
+            additional_config={"elastic": {"elastic_budget": "huge"}},
+        )
+    engines.close()
+
+
+assert ENGINE_KWARGS["max_num_batched_tokens"] < 97  # chunked prefill is exercised
