@@ -62,7 +62,7 @@ def hand_reference(sliced, think_prompts, markers, engines: EnginePool):
     small = engines.get(("stock-think", THINK), sliced(NAME, THINK), **REASONING)
     traces = run(small, [p for p, _ in todo], [None] * len(todo), [t for _, t in todo], 64)
     traces = [tr[: t + 1] for tr, (_, t) in zip(traces, todo)]
-    for tr, (_, t) in zip(traces, todo):
+    for tr in traces:
         assert tr[-1] == markers[1], "thinking_token_budget did not force </think>"
     large = engines.get(("stock-answer", ANSWER), sliced(NAME, ANSWER), **REASONING)
     conts = run(
@@ -94,7 +94,7 @@ def test_recompute_equals_small_trace_then_large_continuation(
     traces, conts = hand_reference
     todo = cases(think_prompts)
     extra = [{**POLICY, "elastic_kv_mode": "recompute"}] * len(todo)
-    got = run(switch_llm(), [p for p, _ in todo], extra, [t for _, t in todo], 0 or 64)
+    got = run(switch_llm(), [p for p, _ in todo], extra, [t for _, t in todo], 64)
     for i, (g, tr, co) in enumerate(zip(got, traces, conts)):
         want = tr + co
         assert g[: len(want)] == want, f"prompt {i}: recompute\n got {g}\nwant {want}"
