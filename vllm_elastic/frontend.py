@@ -21,7 +21,9 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from vllm_elastic.budgets import ElasticSpec
+from vllm_elastic.markers import resolve_markers
 from vllm_elastic.policy import POLICY_KEYS, ElasticPolicyError, Policy, resolve_policy
+from vllm_elastic.usage import KEY_ANSWERING, KEY_END_IDS
 
 _MARK = "_vllm_elastic_hook"
 
@@ -49,6 +51,20 @@ def _spec_of(processor: Any) -> ElasticSpec | None:
     return spec
 
 
+def _phase_args(processor: Any, policy: Policy, request: Any) -> dict[str, Any]:
+    """End-marker ids and whether the prompt already closed thinking (switching policies)."""
+    if not policy.switches:
+        return {}
+    markers = getattr(processor, "_elastic_markers", None)
+    if markers is None:
+        markers = processor._elastic_markers = resolve_markers(processor.vllm_config)
+    prompt = request.prompt_token_ids or []
+    return {
+        KEY_END_IDS: list(markers.end),
+        KEY_ANSWERING: markers.prompt_answers_from_start(prompt),
+    }
+
+
 def install_frontend_hook() -> None:
     """Wrap ``InputProcessor.process_inputs`` once per process (idempotent)."""
     from vllm.v1.engine.input_processor import InputProcessor
@@ -66,7 +82,7 @@ def install_frontend_hook() -> None:
         request = original(self, request_id, prompt, params, *args, **kwargs)
         sp = request.sampling_params
         own = {k: v for k, v in (sp.extra_args or {}).items() if k not in POLICY_KEYS}
-        sp.extra_args = {**own, **policy.to_extra_args()}
+        sp.extra_args = {**own, **policy.to_extra_args(), **_phase_args(self, policy, request)}
         salt = policy.cache_salt()
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
         return request

@@ -7,6 +7,7 @@ possibly more than once, so everything here is idempotent.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from vllm.logger import init_logger
@@ -67,6 +68,7 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from vllm_elastic.frontend import install_frontend_hook
+    from vllm_elastic.usage import install_output_hook, install_server_hooks
 
     for model_type, (config_cls, arch, _, _) in FAMILIES.items():
         AutoConfig.register(model_type, config_cls, exist_ok=True)
@@ -74,3 +76,6 @@ def register() -> None:
             ModelRegistry.register_model(arch, f"{MODEL_MODULE}:{arch}")
         MODELS_CONFIG_MAP[arch] = ElasticModelConfig
     install_frontend_hook()
+    install_output_hook()
+    if "vllm.entrypoints.openai.api_server" in sys.modules:
+        install_server_hooks()

