@@ -190,9 +190,7 @@ def greedy(llm: Any, prompts: list[list[int]], extra: list[Any], max_tokens) -> 
     if isinstance(max_tokens, int):
         max_tokens = [max_tokens] * len(prompts)
     params = [
-        SamplingParams(
-            max_tokens=m, temperature=0.0, logprobs=5, ignore_eos=True, extra_args=e
-        )
+        SamplingParams(max_tokens=m, temperature=0.0, logprobs=5, ignore_eos=True, extra_args=e)
         for e, m in zip(extra, max_tokens)
     ]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

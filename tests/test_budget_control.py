@@ -109,9 +109,7 @@ def test_switch_position_and_mixed_policies_in_one_batch(
     traces, conts = hand_reference
     todo = cases(think_prompts)
     llm = switch_llm()
-    alone = [
-        run(llm, [p], [{**POLICY, "elastic_kv_mode": "reuse"}], [t], 24)[0] for p, t in todo
-    ]
+    alone = [run(llm, [p], [{**POLICY, "elastic_kv_mode": "reuse"}], [t], 24)[0] for p, t in todo]
     batch, extra, thinks, kinds = [], [], [], []
     for i, (p, t) in enumerate(todo):
         for kind, e in (
@@ -179,8 +177,7 @@ def test_preemption_and_resume_keep_outputs(switch_llm, think_prompts):
     their context at the right budgets, so outputs equal the unpreempted run."""
     todo = cases(think_prompts) * 3
     extra = [
-        {**POLICY, "elastic_kv_mode": "recompute" if i % 2 else "reuse"}
-        for i in range(len(todo))
+        {**POLICY, "elastic_kv_mode": "recompute" if i % 2 else "reuse"} for i in range(len(todo))
     ]
     prompts_, thinks = [p for p, _ in todo], [t for _, t in todo]
     want = run(switch_llm(), prompts_, extra, thinks, 40)
@@ -247,3 +244,25 @@ def test_bad_default_policy_fails_at_startup(checkpoint, engines):
 
 
 assert ENGINE_KWARGS["max_num_batched_tokens"] < 97  # chunked prefill is exercised
+
+
+def test_rows_refilled_after_a_recompute_keep_their_own_thinking_state(
+    switch_llm, prompts, markers
+):
+    """Regression (vLLM 0.32 ThinkingBudgetStateHolder, fixed in vllm_fixes.py): when a
+    recompute request's slot is refilled by condense(), the row moved there must not
+    inherit its thinking budget (it used to get </think> forced into its output)."""
+    llm = switch_llm()
+    start = markers[0]
+    batch = [prompts[0], prompts[3], prompts[1] + [start], prompts[3]]
+    extra = [
+        {"elastic_budget": "full"},
+        {"elastic_budget": THINK},
+        {**POLICY, "elastic_kv_mode": "recompute"},
+        {"elastic_budget": "q_thin"},
+    ]
+    thinks = [None, None, 6, None]
+    alone = run(llm, batch[3:], extra[3:], thinks[3:], 8)[0]
+    together = run(llm, batch, extra, thinks, 8)[3]
+    assert markers[1] not in together
+    assert together == alone

@@ -50,9 +50,7 @@ class ElasticBatchState:
             return np.repeat(think, counts)
         rows = np.repeat(np.arange(n), counts)
         total = int(counts.sum())
-        return np.where(
-            positions[:total] >= self.answer_from[rows], self.answer[rows], think[rows]
-        )
+        return np.where(positions[:total] >= self.answer_from[rows], self.answer[rows], think[rows])
 
 
 _STATES: dict[int, ElasticBatchState] = {}

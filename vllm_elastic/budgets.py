@@ -282,8 +282,7 @@ def parse_elastic_spec(section: Any, parent: ParentShape) -> ElasticSpec:
     raw_budgets = section.get("budgets")
     if not isinstance(raw_budgets, Sequence) or isinstance(raw_budgets, str) or not raw_budgets:
         raise ElasticConfigError(
-            "elastic.budgets: expected a non-empty list of budget objects, "
-            f"got {raw_budgets!r}"
+            f"elastic.budgets: expected a non-empty list of budget objects, got {raw_budgets!r}"
         )
     budgets = tuple(parse_budget(raw, i, parent) for i, raw in enumerate(raw_budgets))
     seen: set[str] = set()
@@ -294,7 +293,7 @@ def parse_elastic_spec(section: Any, parent: ParentShape) -> ElasticSpec:
     if not any(b.is_full(parent) for b in budgets):
         raise ElasticConfigError(
             "elastic.budgets: no full budget; one budget must keep the parent's size on every "
-            "axis (e.g. {\"name\": \"full\"})"
+            'axis (e.g. {"name": "full"})'
         )
     default = section.get("default_budget")
     if default is None:

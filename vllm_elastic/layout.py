@@ -43,9 +43,7 @@ def q_rows_of_rank(
     return _head_rows(heads, head_dim)
 
 
-def kv_rows_of_rank(
-    total_kv_heads: int, head_dim: int, tp_size: int, tp_rank: int
-) -> torch.Tensor:
+def kv_rows_of_rank(total_kv_heads: int, head_dim: int, tp_size: int, tp_rank: int) -> torch.Tensor:
     """Global k_proj/v_proj rows held by ``tp_rank``, in local order."""
     return _head_rows(kv_heads_of_rank(total_kv_heads, tp_size, tp_rank), head_dim)
 

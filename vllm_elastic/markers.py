@@ -62,9 +62,7 @@ def _tokenize(model_config: Any, text: str) -> tuple[int, ...]:
     return ids
 
 
-def _from_section(
-    section: dict[str, Any], which: str, model_config: Any
-) -> tuple[int, ...] | None:
+def _from_section(section: dict[str, Any], which: str, model_config: Any) -> tuple[int, ...] | None:
     ids = section.get(f"think_{which}_ids")
     if ids is not None:
         if not ids or not all(isinstance(i, int) for i in ids):
@@ -86,8 +84,10 @@ def resolve_markers(vllm_config: Any) -> ThinkMarkers:
     for which, default in (("start", DEFAULT_THINK_START), ("end", DEFAULT_THINK_END)):
         ids = _from_section(engine_section, which, model_config)
         if ids is None and reasoning is not None and getattr(reasoning, "enabled", False):
-            attr = "natural_reasoning_end_token_ids" if which == "end" else (
-                "reasoning_start_token_ids"
+            attr = (
+                "natural_reasoning_end_token_ids"
+                if which == "end"
+                else ("reasoning_start_token_ids")
             )
             got = getattr(reasoning, attr, None)
             ids = tuple(got) if got else None

@@ -17,6 +17,12 @@ from vllm_elastic.config import FAMILIES
 logger = init_logger(__name__)
 
 MODEL_MODULE = "vllm_elastic.models.elastic"
+# Loaded in an OpenAI API-server process by the time vLLM loads plugins there.
+SERVER_MODULES = (
+    "vllm.entrypoints.cli.serve",
+    "vllm.entrypoints.launchers.api_server",
+    "vllm.entrypoints.openai.api_server",
+)
 
 
 class ElasticModelConfig:
@@ -69,6 +75,7 @@ def register() -> None:
 
     from vllm_elastic.frontend import install_frontend_hook
     from vllm_elastic.usage import install_output_hook, install_server_hooks
+    from vllm_elastic.vllm_fixes import fix_thinking_budget_moves
 
     for model_type, (config_cls, arch, _, _) in FAMILIES.items():
         AutoConfig.register(model_type, config_cls, exist_ok=True)
@@ -77,5 +84,6 @@ def register() -> None:
         MODELS_CONFIG_MAP[arch] = ElasticModelConfig
     install_frontend_hook()
     install_output_hook()
-    if "vllm.entrypoints.openai.api_server" in sys.modules:
+    fix_thinking_budget_moves()
+    if any(m in sys.modules for m in SERVER_MODULES):
         install_server_hooks()

@@ -57,8 +57,7 @@ class Policy:
 def _budget_name(spec: ElasticSpec, key: str, value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ElasticPolicyError(
-            f"{where}{key}: expected a budget name (string), got {value!r}; "
-            f"budgets: {spec.names}"
+            f"{where}{key}: expected a budget name (string), got {value!r}; budgets: {spec.names}"
         )
     if value not in spec.names:
         raise ElasticPolicyError(

@@ -49,9 +49,7 @@ class _RecomputeAtSwitch:
     @staticmethod
     def _wants_recompute(request: Any) -> bool:
         args = (request.sampling_params.extra_args or {}) if request.sampling_params else {}
-        return args.get(KEY_KV_MODE) == "recompute" and args.get(KEY_THINK) != args.get(
-            KEY_ANSWER
-        )
+        return args.get(KEY_KV_MODE) == "recompute" and args.get(KEY_THINK) != args.get(KEY_ANSWER)
 
     def add_request(self, request: Any) -> None:
         super().add_request(request)

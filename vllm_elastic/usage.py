@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -225,9 +226,22 @@ def _wrap_generate() -> None:
 
 
 def _with_response_usages(method: Any) -> Any:
+    """Give each response its own usage box, also where vLLM streams the response from
+    another task than the one that ran the handler (streams are iterated elsewhere)."""
+
     @functools.wraps(method)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _RESPONSE_USAGES.set({})
-        return await method(*args, **kwargs)
+        box: dict[str, Any] = {}
+        _RESPONSE_USAGES.set(box)
+        result = await method(*args, **kwargs)
+        if inspect.isasyncgen(result):
+            return _stream_with_box(result, box)
+        return result
 
     return wrapper
+
+
+async def _stream_with_box(stream: Any, box: dict[str, Any]) -> Any:
+    _RESPONSE_USAGES.set(box)
+    async for chunk in stream:
+        yield chunk

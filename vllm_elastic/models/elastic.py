@@ -107,9 +107,7 @@ class ElasticDecoderLayer(nn.Module):
             torch.empty(self.q_size + 2 * self.kv_size, hidden), requires_grad=False
         )
         self.o_weight = nn.Parameter(torch.empty(hidden, self.q_size), requires_grad=False)
-        self.gate_up_weight = nn.Parameter(
-            torch.empty(2 * self.inter, hidden), requires_grad=False
-        )
+        self.gate_up_weight = nn.Parameter(torch.empty(2 * self.inter, hidden), requires_grad=False)
         self.down_weight = nn.Parameter(torch.empty(hidden, self.inter), requires_grad=False)
         self.qkv_bias = self.o_bias = self.gate_up_bias = self.down_bias = None
         if attn_bias:
@@ -213,9 +211,7 @@ class ElasticDecoderLayer(nn.Module):
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return tensor_model_parallel_all_reduce(x) if self.tp_size > 1 else x
 
-    def forward(
-        self, positions: torch.Tensor, segments: list[_Segment], num_tokens: int
-    ) -> None:
+    def forward(self, positions: torch.Tensor, segments: list[_Segment], num_tokens: int) -> None:
         """Run the layer for every segment, updating each segment's stream in place."""
         qs, ks = self.q_size, self.kv_size
         w_qkv, b_qkv = self.qkv_weight, self.qkv_bias
@@ -261,9 +257,7 @@ class ElasticDecoderLayer(nn.Module):
 
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(num_tokens, self.n_q, self.head_dim)).view(num_tokens, qs)
-            k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(
-                num_tokens, ks
-            )
+            k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v)
 
@@ -313,9 +307,7 @@ class ElasticForCausalLM(nn.Module):
         self.hidden_size = hidden
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden)
         self.layers = nn.ModuleList(
-            ElasticDecoderLayer(
-                vllm_config, self.spec, i, self.qk_norm, prefix=f"model.layers.{i}"
-            )
+            ElasticDecoderLayer(vllm_config, self.spec, i, self.qk_norm, prefix=f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(hidden, eps=config.rms_norm_eps)

@@ -1,0 +1,283 @@
+"""End to end through vLLM's OpenAI server started by ``vllm-elastic serve`` on
+127.0.0.1, driven by the ``openai`` client: budgets per request via ``vllm_xargs``, the
+server default policy, reasoning split, usage per budget, ``/metrics``, HTTP 400 on bad
+input, and a bounded concurrent load whose every output equals the offline run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+pytestmark = pytest.mark.server
+
+NAME = "llama_bias"
+SERVED = "elastic"
+DEFAULT_POLICY = {"elastic_think_budget": "tiny", "elastic_answer_budget": "full"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory) -> Any:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "vllm_elastic.cli", "serve", str(checkpoint(NAME)),
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED,
+        "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "32",
+        "--reasoning-parser", "qwen3",
+        "--elastic-think-budget", "tiny", "--elastic-answer-budget", "full",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log).read_text()}")
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(2)
+    else:
+        proc.kill()
+        raise RuntimeError(f"server did not start:\n{Path(log).read_text()[-4000:]}")
+    yield base
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint, engines):
+    """The same checkpoint offline (in this process), with the same default policy."""
+
+    def run(prompts: list[list[int]], extra: list[Any], think: list[Any], max_tokens: int):
+        from vllm import SamplingParams
+
+        llm = engines.get(
+            ("server-offline",),
+            checkpoint(NAME),
+            reasoning_parser="qwen3",
+            additional_config={"elastic": DEFAULT_POLICY},
+        )
+        params = [
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=0.0,
+                ignore_eos=True,
+                thinking_token_budget=t,
+                extra_args=e,
+            )
+            for e, t in zip(extra, think)
+        ]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in outs]
+
+    return run
+
+
+def _body(extra: dict[str, Any] | None, think: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"ignore_eos": True, "return_token_ids": True}
+    if extra is not None:
+        body["vllm_xargs"] = extra
+    if think is not None:
+        body["thinking_token_budget"] = think
+    return body
+
+
+def test_completions_per_request_budgets_match_offline(client, offline, prompts):
+    cases = [
+        ({"elastic_budget": "full"}, None),
+        ({"elastic_budget": "tiny"}, None),
+        ({"elastic_budget": "kv_half"}, None),
+        (None, None),  # server default policy: tiny -> full (no marker: thinks throughout)
+    ]
+    want = offline([prompts[2]] * len(cases), [c[0] for c in cases], [c[1] for c in cases], 10)
+    for (extra, think), (ids, text) in zip(cases, want):
+        r = client.completions.create(
+            model=SERVED, prompt=prompts[2], max_tokens=10, temperature=0,
+            extra_body=_body(extra, think),
+        )  # fmt: skip
+        assert r.choices[0].text == text, extra
+        assert r.choices[0].model_extra["token_ids"] == ids, extra
+        usage = r.usage.model_extra["elastic"]
+        if extra is None:  # the policy's answer budget never ran (no end marker)
+            assert usage["tokens"] == {"tiny": 10, "full": 0}, usage
+        else:
+            assert usage["tokens"] == {extra["elastic_budget"]: 10}, usage
+
+
+def test_streaming_equals_non_streaming_and_reports_usage(client, prompts):
+    kwargs = dict(
+        model=SERVED, prompt=prompts[1], max_tokens=12, temperature=0,
+        extra_body=_body({"elastic_budget": "q_thin"}, None),
+    )  # fmt: skip
+    whole = client.completions.create(**kwargs)
+    chunks = list(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 12
+    assert usage.model_extra["elastic"]["tokens"] == {"q_thin": 12}
+
+
+def test_chat_default_policy_splits_reasoning_and_switches(client, offline, checkpoint):
+    """No vllm_xargs: the server default (tiny thinks, full answers) applies; the
+    reasoning parser separates the trace; usage counts tokens per budget."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint(NAME))
+    messages = [{"role": "user", "content": "what is the best way home"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok.encode(text, add_special_tokens=False)
+    ((ids, _),) = offline([prompt_ids], [None], [5], 14)
+    r = client.chat.completions.create(
+        model=SERVED, messages=messages, max_tokens=14, temperature=0,
+        extra_body=_body(None, 5),
+    )  # fmt: skip
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning"].split() == tok.decode(ids[:5]).split()
+    assert msg.content.split() == tok.decode(ids[6:]).split()
+    usage = r.usage.model_extra["elastic"]
+    assert usage["tokens"] == {"tiny": 6, "full": 8}, usage
+    assert (usage["think_budget"], usage["answer_budget"]) == ("tiny", "full")
+
+    stream = client.chat.completions.create(
+        model=SERVED, messages=messages, max_tokens=14, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=_body(None, 5),
+    )  # fmt: skip
+    reasoning, content, last = "", "", None
+    for chunk in stream:
+        last = chunk
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning") or ""
+            content += delta.content or ""
+    assert reasoning.split() == msg.model_extra["reasoning"].split()
+    assert content.split() == msg.content.split()
+    assert last.usage.model_extra["elastic"]["tokens"] == {"tiny": 6, "full": 8}
+
+
+@pytest.mark.parametrize(
+    "xargs,needle",
+    [
+        ({"elastic_budget": "huge"}, "unknown budget 'huge'"),
+        ({"elastic_budget": "full", "elastic_answer_budget": "tiny"}, "cannot be combined"),
+        ({"elastic_kv_mode": "later"}, "elastic_kv_mode"),
+        ({"elastic_budget": {"nested": 1}}, "vllm_xargs"),
+    ],
+)
+def test_bad_values_get_400_and_the_server_keeps_serving(server, xargs, needle, prompts):
+    body = {"model": SERVED, "prompt": prompts[0], "max_tokens": 4, "vllm_xargs": xargs}
+    r = requests.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert needle in r.text
+    ok = requests.post(
+        f"{server}/v1/completions",
+        json={"model": SERVED, "prompt": prompts[0], "max_tokens": 4},
+        timeout=60,
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_metrics_count_tokens_per_budget(server, client, prompts):
+    def counter(text: str, budget: str, phase: str) -> float:
+        key = f'vllm_elastic:generation_tokens_total{{budget="{budget}",phase="{phase}"}}'
+        for line in text.splitlines():
+            if line.startswith(key):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = requests.get(f"{server}/metrics", timeout=10).text
+    client.completions.create(
+        model=SERVED, prompt=prompts[0], max_tokens=7, temperature=0,
+        extra_body=_body({"elastic_budget": "kv_half"}, None),
+    )  # fmt: skip
+    after = requests.get(f"{server}/metrics", timeout=10).text
+    assert counter(after, "kv_half", "answer") - counter(before, "kv_half", "answer") == 7
+
+
+def test_bounded_concurrent_load_matches_offline(server, offline, prompts, checkpoint):
+    """48 streaming requests from 12 concurrent clients, mixed policies: no errors, no
+    lost or truncated response, every text identical to the same request offline."""
+    from transformers import AutoTokenizer
+
+    start = AutoTokenizer.from_pretrained(checkpoint(NAME)).convert_tokens_to_ids("<think>")
+    policies = [
+        ({"elastic_budget": "full"}, None),
+        ({"elastic_budget": "tiny"}, None),
+        ({**DEFAULT_POLICY}, 4),
+        ({**DEFAULT_POLICY, "elastic_kv_mode": "recompute"}, 6),
+        (None, 3),  # server default policy
+        ({"elastic_budget": "q_thin"}, None),
+    ]
+    jobs = []
+    for i in range(48):
+        extra, think = policies[i % len(policies)]
+        prompt = prompts[i % len(prompts)] + ([start] if think else [])
+        jobs.append((prompt, extra, think, 8 + i % 7))
+    want = {}
+    for m in sorted({j[3] for j in jobs}):
+        idx = [k for k, j in enumerate(jobs) if j[3] == m]
+        outs = offline([jobs[k][0] for k in idx], [jobs[k][1] for k in idx],
+                       [jobs[k][2] for k in idx], m)  # fmt: skip
+        want.update({k: o[1] for k, o in zip(idx, outs)})
+
+    async def one(aclient: openai.AsyncOpenAI, k: int) -> tuple[int, str, str | None]:
+        prompt, extra, think, m = jobs[k]
+        stream = await aclient.completions.create(
+            model=SERVED, prompt=prompt, max_tokens=m, temperature=0, stream=True,
+            extra_body=_body(extra, think),
+        )  # fmt: skip
+        text, finish = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+        return k, text, finish
+
+    async def main() -> list[tuple[int, str, str | None]]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+        sem = asyncio.Semaphore(12)
+
+        async def bounded(k: int):
+            async with sem:
+                return await asyncio.wait_for(one(aclient, k), timeout=120)
+
+        return await asyncio.gather(*(bounded(k) for k in range(len(jobs))))
+
+    results = asyncio.run(main())
+    assert len(results) == len(jobs)
+    bad = [(k, jobs[k][1], text, want[k]) for k, text, _ in results if text != want[k]]
+    assert not bad, f"{len(bad)} outputs differ from offline: {bad}"
+    for k, _, finish in results:
+        assert finish == "length", f"request {k} ended with {finish}"
