@@ -48,3 +48,20 @@ def test_default_budget_comes_from_checkpoint(reference, elastic_llm, prompts):
     got = greedy(elastic_llm("qwen3_tied"), prompts, [None] * len(prompts), 12)
     for i, (g, w) in enumerate(zip(got, want)):
         assert_same_output(g, w, f"default budget prompt {i}")
+
+
+def test_transformers_on_the_sliced_checkpoint_agrees(sliced, elastic_llm, prompts):
+    """Independent of vLLM's model code: HF transformers on the sliced checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name, budget = "llama_bias", "tiny"
+    model = AutoModelForCausalLM.from_pretrained(sliced(name, budget), dtype=torch.float32)
+    model.eval()
+    got = greedy(elastic_llm(name), prompts, [{"elastic_budget": budget}] * len(prompts), 12)
+    for prompt, (ids, _) in zip(prompts, got):
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12
+            )
+        assert out[0, len(prompt) :].tolist() == ids

@@ -1,0 +1,61 @@
+"""Tensor-parallel layout: every budget's global prefix is a per-rank prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_elastic.budgets import ElasticConfigError, ParentShape, parse_elastic_spec
+from vllm_elastic.layout import (
+    channels_of_rank,
+    kv_heads_of_rank,
+    kv_rows_of_rank,
+    q_rows_of_rank,
+)
+
+PARENT = ParentShape(
+    hidden_size=64,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=4,
+    intermediate_size=96,
+    num_hidden_layers=2,
+)
+
+
+@pytest.mark.parametrize("tp,kv_keep", [(1, 1), (1, 3), (2, 2), (2, 4), (4, 4)])
+def test_kv_prefix_is_a_per_rank_prefix(tp, kv_keep):
+    local = kv_keep // tp
+    kept = sorted(h for r in range(tp) for h in kv_heads_of_rank(4, tp, r)[:local])
+    assert kept == list(range(kv_keep))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_q_rows_follow_their_kv_group(tp):
+    hd, group = PARENT.head_dim, PARENT.group_size
+    for r in range(tp):
+        q_rows = q_rows_of_rank(8, 4, hd, tp, r).view(-1, group, hd)
+        kv_rows = kv_rows_of_rank(4, hd, tp, r).view(-1, hd)
+        for j, kv_head_rows in enumerate(kv_rows):
+            g = int(kv_head_rows[0]) // hd
+            heads = (q_rows[j, :, 0] // hd).tolist()
+            assert heads == [g * group + i for i in range(group)]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_mlp_channel_prefix_is_a_per_rank_prefix(tp):
+    total = 96
+    for keep in range(tp, total + 1, tp):
+        kept = torch.cat([channels_of_rank(total, tp, r)[: keep // tp] for r in range(tp)])
+        assert sorted(kept.tolist()) == list(range(keep))
+
+
+def test_budgets_that_do_not_split_over_tp_are_rejected_with_the_field():
+    spec = parse_elastic_spec(
+        {"budgets": [{"name": "full"}, {"name": "odd", "num_key_value_heads": 3,
+                                          "num_attention_heads": 6}]},
+        PARENT,
+    )  # fmt: skip
+    spec.check_tensor_parallel(1)
+    with pytest.raises(ElasticConfigError, match=r"'odd'.num_key_value_heads: 3 is not a multiple of tensor_parallel_size=2"):
+        spec.check_tensor_parallel(2)
