@@ -266,3 +266,19 @@ def test_rows_refilled_after_a_recompute_keep_their_own_thinking_state(
     together = run(llm, batch, extra, thinks, 8)[3]
     assert markers[1] not in together
     assert together == alone
+
+
+def test_switch_is_detected_from_fed_input_ids_alone(switch_llm, think_prompts, monkeypatch):
+    """Under async scheduling (vLLM's GPU default) the logits processor sees a -1
+    placeholder where the marker is; the model then confirms the switch from the input
+    ids it is fed. With list-based detection disabled, outputs must not change."""
+    from vllm_elastic.logits_processor import ElasticBudgetLogitsProcessor
+
+    todo = cases(think_prompts)
+    extra = [{**POLICY, "elastic_kv_mode": m} for m in ("reuse", "recompute")] * 2
+    prompts_ = [p for p, _ in todo]
+    thinks = [t for _, t in todo]
+    llm = switch_llm()
+    want = run(llm, prompts_, extra, thinks, 20)
+    monkeypatch.setattr(ElasticBudgetLogitsProcessor, "_detect_switches", lambda self: None)
+    assert run(llm, prompts_, extra, thinks, 20) == want

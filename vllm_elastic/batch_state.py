@@ -9,6 +9,7 @@ also the order of the rows' tokens in the forward.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,22 +25,28 @@ class ElasticBatchState:
         self.think = np.full(max_rows, default_budget, dtype=np.int64)
         self.answer = np.full(max_rows, default_budget, dtype=np.int64)
         self.answer_from = np.full(max_rows, NEVER, dtype=np.int64)
-        self.lock = threading.Lock()
+        # rows that switch budgets but have not met their end marker yet
+        self.pending = np.zeros(max_rows, dtype=bool)
+        # set by the logits processor: (rows, fed token ids, their positions) -> None;
+        # called by the model with the last token each pending row feeds (see
+        # ElasticBudgetLogitsProcessor.confirm_switches)
+        self.on_fed: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
     def set_row(self, row: int, think: int, answer: int, answer_from: int) -> None:
         self.think[row] = think
         self.answer[row] = answer
         self.answer_from[row] = answer_from
+        self.pending[row] = think != answer and answer_from == NEVER
 
     def clear_row(self, row: int) -> None:
         self.set_row(row, self.default_budget, self.default_budget, NEVER)
 
     def move(self, src: int, dst: int) -> None:
-        for arr in (self.think, self.answer, self.answer_from):
+        for arr in (self.think, self.answer, self.answer_from, self.pending):
             arr[dst] = arr[src]
 
     def swap(self, a: int, b: int) -> None:
-        for arr in (self.think, self.answer, self.answer_from):
+        for arr in (self.think, self.answer, self.answer_from, self.pending):
             arr[a], arr[b] = arr[b], arr[a]
 
     def token_budgets(self, counts: np.ndarray, positions: np.ndarray) -> np.ndarray:

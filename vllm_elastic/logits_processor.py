@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from vllm import SamplingParams
 from vllm.logger import init_logger
@@ -61,6 +62,7 @@ class ElasticBudgetLogitsProcessor(LogitsProcessor):
         self.state = ElasticBatchState(
             vllm_config.scheduler_config.max_num_seqs, self.spec.default.index
         )
+        self.state.on_fed = self.confirm_switches
         register_state(vllm_config, self.state)
 
     @classmethod
@@ -135,6 +137,23 @@ class ElasticBudgetLogitsProcessor(LogitsProcessor):
                     self.rows[dst] = moved
                 self.state.move(src, dst)
                 self.state.clear_row(src)
+
+    def confirm_switches(self, rows: np.ndarray, fed: np.ndarray, positions: np.ndarray) -> None:
+        """Switch pending rows whose token fed in this forward completes the end marker.
+
+        Called by the model with the on-device input ids. Under async scheduling (vLLM's
+        GPU default) the last output id is still a ``-1`` placeholder when
+        ``update_state`` runs, so the marker is only visible here, in time for its own
+        forward to run at the answer budget.
+        """
+        end = self._markers().end
+        for row, token, pos in zip(rows.tolist(), fed.tolist(), positions.tolist()):
+            r = self.rows.get(row)
+            if r is None or r.answer_from != NEVER or token != end[-1]:
+                continue
+            if len(end) == 1 or ends_with(r.output[:-1], end[:-1]):
+                r.answer_from = pos
+                self._publish(row)
 
     def _detect_switches(self) -> None:
         """Switch rows whose last sampled tokens close the thinking phase."""

@@ -329,7 +329,9 @@ class ElasticForCausalLM(nn.Module):
             self._state = lookup_state(self.vllm_config)
         return self._state
 
-    def _token_budgets(self, positions: torch.Tensor, num_tokens: int) -> np.ndarray:
+    def _token_budgets(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, num_tokens: int
+    ) -> np.ndarray:
         """Budget index per token; records the logits rows' budgets for compute_logits."""
         self._logit_budgets = None
         state = self._batch_state()
@@ -345,7 +347,13 @@ class ElasticForCausalLM(nn.Module):
             return np.full(num_tokens, self.full_index)
         qsl = qsl.cpu().numpy()
         counts = np.diff(qsl)
-        tb = state.token_budgets(counts, positions.cpu().numpy())
+        pos = positions.cpu().numpy()
+        pending = np.flatnonzero(state.pending[: len(counts)])
+        if pending.size and input_ids is not None and state.on_fed is not None:
+            last = qsl[1:][pending] - 1
+            index = torch.from_numpy(last).to(input_ids.device)
+            state.on_fed(pending, input_ids[index].cpu().numpy(), pos[last])
+        tb = state.token_budgets(counts, pos)
         if len(tb) < num_tokens:  # padding tokens (no request) follow the first budget
             tb = np.concatenate([tb, np.full(num_tokens - len(tb), tb[0] if len(tb) else 0)])
         self._logit_budgets = tb[qsl[1:] - 1] if len(counts) else None
@@ -378,7 +386,7 @@ class ElasticForCausalLM(nn.Module):
     ) -> torch.Tensor:
         embeds = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         num_tokens = embeds.shape[0]
-        tb = self._token_budgets(positions, num_tokens)
+        tb = self._token_budgets(input_ids, positions, num_tokens)
         segments = []
         for budget, idx in self._segments_of(tb, embeds.device):
             h = int(self.widths[budget])
