@@ -57,5 +57,6 @@ def test_budgets_that_do_not_split_over_tp_are_rejected_with_the_field():
         PARENT,
     )  # fmt: skip
     spec.check_tensor_parallel(1)
-    with pytest.raises(ElasticConfigError, match=r"'odd'.num_key_value_heads: 3 is not a multiple of tensor_parallel_size=2"):
+    message = r"'odd'.num_key_value_heads: 3 is not a multiple of tensor_parallel_size=2"
+    with pytest.raises(ElasticConfigError, match=message):
         spec.check_tensor_parallel(2)
