@@ -52,17 +52,20 @@ def _spec_of(processor: Any) -> ElasticSpec | None:
 
 
 def _phase_args(processor: Any, policy: Policy, request: Any) -> dict[str, Any]:
-    """End-marker ids and whether the prompt already closed thinking (switching policies)."""
-    if not policy.switches:
-        return {}
+    """End-marker ids and whether the request starts in its answer phase.
+
+    A switching policy thinks until the end marker unless the prompt already closed
+    thinking; a single-budget request thinks only if its prompt opened thinking.
+    """
     markers = getattr(processor, "_elastic_markers", None)
     if markers is None:
         markers = processor._elastic_markers = resolve_markers(processor.vllm_config)
     prompt = request.prompt_token_ids or []
-    return {
-        KEY_END_IDS: list(markers.end),
-        KEY_ANSWERING: markers.prompt_answers_from_start(prompt),
-    }
+    if policy.switches:
+        answering = markers.prompt_answers_from_start(prompt)
+    else:
+        answering = not markers.prompt_opens_thinking(prompt)
+    return {KEY_END_IDS: list(markers.end), KEY_ANSWERING: answering}
 
 
 def install_frontend_hook() -> None:

@@ -32,6 +32,11 @@ class ThinkMarkers:
         last_end = last_occurrence(prompt, self.end)
         return last_end >= 0 and last_end > last_occurrence(prompt, self.start)
 
+    def prompt_opens_thinking(self, prompt: Sequence[int]) -> bool:
+        """True when the prompt leaves a thinking phase open (e.g. ends with ``<think>``)."""
+        last_start = last_occurrence(prompt, self.start)
+        return last_start >= 0 and last_start > last_occurrence(prompt, self.end)
+
 
 def last_occurrence(seq: Sequence[int], pattern: Sequence[int]) -> int:
     """Index of the last token of the last occurrence of ``pattern`` in ``seq``, or -1."""

@@ -36,7 +36,7 @@ class PhaseCounter:
     ) -> None:
         self.think, self.answer, self.kv_mode = think, answer, kv_mode
         self.end = list(end)
-        self.answering = answering or think == answer
+        self.answering = answering
         self.think_tokens = 0
         self.answer_tokens = 0
         self._tail: list[int] = []
