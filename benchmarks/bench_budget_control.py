@@ -1,0 +1,333 @@
+"""Budget control: think T tokens at a small budget, then answer A tokens at the full one.
+
+Every request's prompt ends with ``<think>``; the end marker ``</think>`` is forced at output
+index T by ``force_end.ForceEndOfThinking`` (random models never emit it), so each output is
+T thinking tokens, ``</think>`` and A answer tokens. Compared, on the same prompts:
+
+* ``full``: the full budget throughout (elastic engine, and the stock full slice);
+* ``full+vllm_cap``: the full budget with vLLM's own ``thinking_token_budget=T`` (needs a
+  ``reasoning_config``) instead of the forcing processor;
+* ``small``: the thinking budget throughout (reference: the switch must change the answer);
+* ``small->full reuse`` / ``recompute``: ``elastic_think_budget`` / ``elastic_answer_budget``
+  with ``elastic_kv_mode``; ``small->full reuse+vllm_cap``: the switch driven by vLLM's cap.
+
+Speedup of ``small->full`` over ``full`` is compared with the FLOP-ratio limit
+``(T+A) F_full / (T F_small + A F_full)`` (F = matmul FLOPs per token); target >= 0.9 of it.
+
+    python benchmarks/bench_budget_control.py [--quick] [--think small] [--answer full]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import common as c
+from force_end import KEY as FORCE_KEY
+from force_end import ForceEndOfThinking
+
+TARGET = 0.9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Requests per batch, prompt words, thinking and answer tokens."""
+
+    batch: int
+    prompt_len: int
+    think: int
+    answer: int
+
+    @property
+    def max_tokens(self) -> int:
+        return self.think + 1 + self.answer
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way of serving the think-then-answer requests."""
+
+    name: str
+    engine: str  # "elastic" | "stock"
+    think: str | None  # budget names (None on the stock engine)
+    answer: str | None
+    kv_mode: str | None = None
+    vllm_cap: bool = False
+
+    def params(self, shape: Shape) -> Any:
+        extra: dict[str, Any] = {}
+        if self.think is not None and self.think == self.answer:
+            extra["elastic_budget"] = self.think
+        elif self.think is not None:
+            extra.update(elastic_think_budget=self.think, elastic_answer_budget=self.answer)
+            extra["elastic_kv_mode"] = self.kv_mode or "reuse"
+        kw = {}
+        if self.vllm_cap:
+            kw["thinking_token_budget"] = shape.think
+        else:
+            extra[FORCE_KEY] = shape.think
+        return c.sampling(shape.max_tokens, extra or None, **kw)
+
+
+def configs(think: str, answer: str) -> list[Config]:
+    return [
+        Config("stock full", "stock", None, None),
+        Config("stock full+vllm_cap", "stock", None, None, vllm_cap=True),
+        Config("full", "elastic", answer, answer),
+        Config("full+vllm_cap", "elastic", answer, answer, vllm_cap=True),
+        Config(think, "elastic", think, think),
+        Config(f"{think}->{answer} reuse", "elastic", think, answer, "reuse"),
+        Config(f"{think}->{answer} recompute", "elastic", think, answer, "recompute"),
+        Config(f"{think}->{answer} reuse+vllm_cap", "elastic", think, answer, "reuse", True),
+    ]
+
+
+def reasoning_kwargs() -> dict[str, Any]:
+    """Engine kwargs that enable vLLM's reasoning config (``<think>`` / ``</think>``)."""
+    from vllm.config.reasoning import ReasoningConfig
+
+    return {
+        "reasoning_config": ReasoningConfig(
+            reasoning_parser="qwen3", reasoning_start_str="<think>", reasoning_end_str="</think>"
+        )
+    }
+
+
+def open_control_engine(path: Any) -> tuple[Any, str | None]:
+    """An engine with the forcing processor and, if vLLM accepts it, a reasoning config.
+
+    Returns the engine and why the reasoning config could not be used (None if it could).
+    """
+    kw = {"logits_processors": [ForceEndOfThinking], "max_model_len": 512}
+    try:
+        return c.open_engine(path, **kw, **reasoning_kwargs()), None
+    except Exception as e:  # noqa: BLE001 - recorded in the results
+        reason = f"{type(e).__name__}: {e}"
+        c.log(f"reasoning_config rejected ({reason}); running without vLLM's cap")
+        return c.open_engine(path, **kw), reason
+
+
+def token_ids(path: Any) -> tuple[int, int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    start, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    return start, end
+
+
+def run_engine(
+    path: Any, todo: list[Config], shape: Shape, prompts: list[list[int]], repeats: int
+) -> dict[str, Any]:
+    """Measure every config of one engine in interleaved rounds; a config that fails on a
+    one-request trial records its error instead."""
+    llm, cap_error = open_control_engine(path)
+    out: dict[str, Any] = {}
+    named = {}
+    try:
+        for cfg in todo:
+            reqs = c.requests_for(prompts, cfg.params(shape))
+            if cfg.vllm_cap and cap_error:
+                out[cfg.name] = {"error": f"no reasoning_config: {cap_error}"}
+                continue
+            try:
+                c.run_batch(llm, reqs[:1], quiet=False)
+            except Exception as e:  # noqa: BLE001 - recorded in the results
+                out[cfg.name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            named[cfg.name] = reqs
+        c.log(f"  configs: {list(named)}")
+        c.run_batch(llm, next(iter(named.values())), quiet=False)  # full-size warm-up, once
+        out.update(c.measure_interleaved(llm, named, repeats, warmup=0))
+    finally:
+        c.close_engine(llm)
+    return {cfg.name: out[cfg.name] for cfg in todo}
+
+
+def end_positions(outputs: list[list[int]], end_id: int) -> list[int]:
+    """Index of the first ``</think>`` in each output (-1 when absent)."""
+    return [o.index(end_id) if end_id in o else -1 for o in outputs]
+
+
+def split(outputs: list[list[int]], at: int) -> tuple[list, list]:
+    return [o[:at] for o in outputs], [o[at + 1 :] for o in outputs]
+
+
+def flop_limit(ckpt: c.Checkpoint, shape: Shape, think: str, answer: str) -> float:
+    """``(T+A) F_answer / (T F_think + A F_answer)``."""
+    t, a = shape.think, shape.answer
+    fa, ft = ckpt.flops(answer), ckpt.flops(think)
+    return (t + a) * fa / (t * ft + a * fa)
+
+
+def analyse(
+    ckpt: c.Checkpoint, shape: Shape, results: dict, think: str, answer: str, end_id: int
+) -> dict[str, Any]:
+    """Rows per config, switch checks and speedups vs the FLOP limit."""
+    ok = {k: v for k, v in results.items() if isinstance(v, c.Measurement)}
+    rows = {}
+    for name, res in results.items():
+        if name not in ok:
+            rows[name] = res
+            continue
+        ends = end_positions(res.best.outputs, end_id)
+        rows[name] = {
+            **res.summary(),
+            "end_at_T": sum(e == shape.think for e in ends) / len(ends),
+            "end_positions": sorted(set(ends)),
+        }
+    limit = flop_limit(ckpt, shape, think, answer)
+    base = ok.get("full")
+    checks, speedups = {}, {}
+    think_only = ok.get(think)
+    for name, res in ok.items():
+        if "->" not in name:
+            continue
+        if think_only is not None:
+            t_same, _ = split(think_only.best.outputs, shape.think)
+            t_sw, a_sw = split(res.best.outputs, shape.think)
+            _, a_small = split(think_only.best.outputs, shape.think)
+            checks[name] = {
+                "thinking_identical_to_think_budget": t_same == t_sw,
+                "answer_differs_from_think_budget": c.same_outputs(a_sw, a_small) < 1.0,
+                "answers_identical_fraction": c.same_outputs(a_sw, a_small),
+            }
+        if base is not None:
+            sp = base.wall_s / res.wall_s
+            entry = {"speedup_vs_full": round(sp, 4), "of_flop_limit": round(sp / limit, 4)}
+            if "stock full" in ok:
+                entry["speedup_vs_stock_full"] = round(ok["stock full"].wall_s / res.wall_s, 4)
+            if think_only is not None:
+                blend = _blend_limit(shape, base.wall_s, think_only.wall_s)
+                entry["measured_blend_limit"] = round(blend, 4)
+                entry["of_blend_limit"] = round(sp / blend, 4)
+            entry["pass"] = sp / limit >= TARGET
+            speedups[name] = entry
+    return {"rows": rows, "flop_limit": round(limit, 4), "checks": checks, "speedups": speedups}
+
+
+def _blend_limit(shape: Shape, t_full: float, t_think: float) -> float:
+    """Speedup if T/(T+A) of the full run's time ran at the think budget's measured speed."""
+    t, a = shape.think, shape.answer
+    return t_full / ((t * t_think + a * t_full) / (t + a))
+
+
+def tables(analysis: dict[str, Any]) -> list[str]:
+    runs = c.md_table(
+        ["config", "tok/s", "wall (s)", "latency (s)", "</think> at T", "error"],
+        [
+            (
+                name,
+                r.get("tokens_per_s", "-"),
+                r.get("wall_s", "-"),
+                r.get("latency_mean_s", "-"),
+                r.get("end_at_T", "-"),
+                r.get("error", ""),
+            )
+            for name, r in analysis["rows"].items()
+        ],
+    )
+    sp = c.md_table(
+        [
+            "config",
+            "speedup vs full",
+            "vs stock full",
+            "FLOP limit",
+            "of limit",
+            "blend limit",
+            f">= {TARGET} of limit",
+        ],
+        [
+            (
+                name,
+                s["speedup_vs_full"],
+                s.get("speedup_vs_stock_full", "-"),
+                analysis["flop_limit"],
+                s["of_flop_limit"],
+                s.get("measured_blend_limit", "-"),
+                "PASS" if s["pass"] else "FAIL",
+            )
+            for name, s in analysis["speedups"].items()
+        ],
+    )
+    chk = c.md_table(
+        ["config", "thinking = think budget's", "answer changed by switch", "same answers"],
+        [
+            (
+                n,
+                v["thinking_identical_to_think_budget"],
+                v["answer_differs_from_think_budget"],
+                v["answers_identical_fraction"],
+            )
+            for n, v in analysis["checks"].items()
+        ],
+    )
+    return [runs, sp, chk]
+
+
+def main() -> None:
+    def extra(p: Any) -> None:
+        p.add_argument("--think", help="thinking budget (default: the smallest)")
+        p.add_argument("--answer", help="answer budget (default: the full one)")
+
+    settings, args = c.parse_settings(__doc__.splitlines()[0], extra)
+    ckpt = c.prepare_checkpoint(settings)
+    think, answer = args.think or ckpt.budgets[-1], args.answer or ckpt.budgets[0]
+    shape = Shape(4, 8, 8, 4) if settings.quick else Shape(32, 16, 96, 32)
+    start_id, end_id = token_ids(ckpt.path)
+    prompts = [
+        p + [start_id]
+        for p in c.make_prompts(shape.batch, shape.prompt_len, ckpt.info["vocab_size"])
+    ]
+    todo = configs(think, answer)
+    results: dict[str, Any] = {}
+    c.log(f"stock engine {ckpt.sliced[answer]}")
+    stock = [x for x in todo if x.engine == "stock"]
+    results.update(run_engine(ckpt.sliced[answer], stock, shape, prompts, settings.repeats))
+    c.log(f"elastic engine {ckpt.path}")
+    elastic = [x for x in todo if x.engine == "elastic"]
+    results.update(run_engine(ckpt.path, elastic, shape, prompts, settings.repeats))
+    analysis = analyse(ckpt, shape, results, think, answer, end_id)
+    sections = tables(analysis)
+    print("\n\n".join(sections))
+    names = list(analysis["speedups"])
+    plot = c.bar_plot(
+        settings.out_dir / "budget_control.png",
+        names,
+        {
+            "vs elastic full": [analysis["speedups"][n]["speedup_vs_full"] for n in names],
+            "vs stock full": [
+                analysis["speedups"][n].get("speedup_vs_stock_full", 0) for n in names
+            ],
+            "FLOP limit": [analysis["flop_limit"]] * len(names),
+        },
+        "speedup",
+        f"Think {shape.think} at {think}, answer {shape.answer} at {answer}",
+    )
+    intro = (
+        f"{shape.batch} requests, prompt {shape.prompt_len} words + `<think>`, T={shape.think} "
+        f"thinking tokens, `</think>`, A={shape.answer} answer tokens (greedy). "
+        f"F_{answer}/F_{think} = {ckpt.flops(answer) / ckpt.flops(think):.3f}. "
+        "Blend limit = speedup if the thinking share of the full run ran at the measured "
+        f"speed of the `{think}` budget."
+    )
+    c.write_results(
+        settings,
+        ckpt,
+        "budget_control",
+        "Budget control: think small, answer full",
+        {"shape": shape.__dict__, "think": think, "answer": answer, **analysis},
+        [
+            intro,
+            "## Runs",
+            sections[0],
+            "## Speedups",
+            sections[1],
+            "## Switch checks",
+            sections[2],
+        ],
+        [plot],
+    )
+
+
+if __name__ == "__main__":
+    main()

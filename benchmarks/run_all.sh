@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run every benchmark in turn, then write results/summary.md (results/quick/ with --quick).
+# Usage: benchmarks/run_all.sh [--quick] [other flags passed to every script]
+# PYTHON overrides the interpreter (default: the repo's .venv, else python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+QUICK=()
+for arg in "$@"; do [ "$arg" = "--quick" ] && QUICK=(--quick); done
+SCRIPTS=(bench_budgets bench_mixed bench_memory bench_scaling bench_budget_control profile_forward)
+start=$SECONDS
+for script in "${SCRIPTS[@]}"; do
+    echo "=== $script $* ($((SECONDS - start)) s elapsed)"
+    "$PY" "benchmarks/$script.py" "$@"
+done
+"$PY" benchmarks/summarize.py "${QUICK[@]}"
+echo "=== all done in $((SECONDS - start)) s"

@@ -1,0 +1,123 @@
+"""Collect the headline numbers of every benchmark's JSON into ``summary.md``.
+
+python benchmarks/summarize.py [--quick | --out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from common import QUICK_RESULTS_DIR, RESULTS_DIR, md_table
+
+
+def load(out_dir: Path, name: str) -> dict[str, Any] | None:
+    path = out_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def budgets_rows(data: dict) -> list[tuple]:
+    return [
+        (
+            f"throughput elastic/stock, budget {r['budget']}",
+            r["throughput_ratio"],
+            f">= {r['target']}",
+            "PASS" if r["pass"] else "FAIL",
+        )
+        for r in data["rows"]
+    ]
+
+
+def mixed_rows(data: dict) -> list[tuple]:
+    return [
+        (
+            f"mixed {r['mix']} ({data['layout']}) vs ideal blend",
+            r["ratio"],
+            f">= {r['target']}",
+            "PASS" if r["pass"] else "FAIL",
+        )
+        for r in data["rows"]
+    ]
+
+
+def memory_rows(data: dict) -> list[tuple]:
+    s = data["summary"]
+    return [
+        (
+            "elastic weights / stock full engine",
+            s["elastic_vs_full"],
+            f"<= {s['target']}",
+            "PASS" if s["pass"] else "FAIL",
+        ),
+        ("elastic weights / checkpoint bytes", s["elastic_vs_checkpoint"], "-", "-"),
+        ("sum(stock engines) / elastic", s["stock_sum_vs_elastic"], "-", "-"),
+    ]
+
+
+def control_rows(data: dict) -> list[tuple]:
+    out = []
+    for name, s in data["speedups"].items():
+        out.append(
+            (
+                f"budget control {name}: speedup vs full (limit {data['flop_limit']})",
+                s["speedup_vs_full"],
+                "-",
+                "-",
+            )
+        )
+        verdict = "PASS" if s["pass"] else "FAIL"
+        out.append((f"{name}: fraction of the FLOP limit", s["of_flop_limit"], ">= 0.9", verdict))
+    return out
+
+
+def scaling_rows(data: dict) -> list[tuple]:
+    out = []
+    for key, full in data["full"].items():
+        stock = data["stock"][key]
+        b, n = key.split(",")
+        ratio = round(stock["wall_s"] / full["wall_s"], 3)
+        out.append((f"scaling B={b} L={n}: stock/elastic full time", ratio, "-", "-"))
+    return out
+
+
+SECTIONS = {
+    "budgets": budgets_rows,
+    "mixed": mixed_rows,
+    "memory": memory_rows,
+    "budget_control": control_rows,
+    "scaling": scaling_rows,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out-dir", type=Path)
+    args = parser.parse_args()
+    out_dir = args.out_dir or (QUICK_RESULTS_DIR if args.quick else RESULTS_DIR)
+    rows, meta = [], None
+    for name, fn in SECTIONS.items():
+        data = load(out_dir, name)
+        if data is None:
+            rows.append((f"{name}: no results", "-", "-", "-"))
+            continue
+        meta = meta or data["meta"]
+        rows += fn(data)
+    lines = ["# Benchmark summary", ""]
+    if meta is not None:
+        m = meta["machine"]
+        lines += [
+            f"{m['cpu_model']}, {m['usable_cpus']} CPUs, torch threads {m['torch_threads']}; "
+            f"vLLM {m['vllm']}, torch {m['torch']}; preset `{meta['settings']['preset']}`; "
+            f"{'quick' if meta['settings']['quick'] else 'full'} mode.",
+            "",
+        ]
+    lines.append(md_table(["metric", "value", "target", "verdict"], rows))
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
