@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from vllm_elastic.demo import ensure_model
-from vllm_elastic.usage import elastic_usage
+from vllm_elastic.usage import elastic_usage, merge_usages
 
 
 def main() -> None:
@@ -62,10 +62,7 @@ def main() -> None:
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         secs = time.perf_counter() - start
-        per_budget: dict[str, int] = {}
-        for out in outs:
-            for name, n in elastic_usage(out)["tokens"].items():
-                per_budget[name] = per_budget.get(name, 0) + n
+        per_budget = merge_usages([elastic_usage(o) for o in outs])["tokens"]
         spread = ", ".join(f"{name}: {n}" for name, n in per_budget.items())
         print(f"{label:<34} {spread:<26} {secs:>8.2f}")
         print(f"    e.g. {outs[0].outputs[0].text.strip()[:70]!r}")

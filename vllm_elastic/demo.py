@@ -68,7 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from vllm_elastic.checkpoint import budget_report
     from vllm_elastic.cli import format_report
-    from vllm_elastic.usage import elastic_usage
+    from vllm_elastic.usage import elastic_usage, merge_usages
 
     model = ensure_model(args.model_dir, args.preset, args.dtype)
     print(format_report(budget_report(model)))
@@ -130,10 +130,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"{'policy':<26} {'tokens per budget':<28} {'seconds':>8}")
     for label, extra in policies:
         outs, secs = _timed(llm, chat, [params(extra, args.think_tokens)] * len(chat))
-        per_budget: dict[str, int] = {}
-        for o in outs:
-            for name, n in elastic_usage(o)["tokens"].items():
-                per_budget[name] = per_budget.get(name, 0) + n
+        per_budget = merge_usages([elastic_usage(o) for o in outs])["tokens"]
         spread = ", ".join(f"{k}: {v}" for k, v in per_budget.items())
         print(f"{label:<26} {spread:<28} {secs:>8.2f}")
     return 0
