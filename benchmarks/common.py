@@ -61,6 +61,7 @@ NOISE_LIMIT = 0.25  # a run during which other processes used more cores is retr
 RETRIES = 3  # extra timed runs allowed per measurement while all runs were disturbed
 DEFAULT_QUIET_WAIT_S = 60.0  # longest wait for other processes to go quiet before a run
 QUIET_WAIT_S = DEFAULT_QUIET_WAIT_S
+WEIGHT_PACKING: str | None = None  # --weight-packing: the elastic engines' weight storage
 
 ENGINE_KWARGS: dict[str, Any] = dict(
     dtype="float32",
@@ -110,6 +111,11 @@ def parse_settings(description: str, extra: Any = None) -> tuple[Settings, argpa
         help=f"max seconds to wait for other processes to go quiet before a timed run "
         f"(default {DEFAULT_QUIET_WAIT_S:.0f}, quick 0)",
     )
+    parser.add_argument(
+        "--weight-packing",
+        choices=("auto", "nested", "per-budget", "views"),
+        help="elastic engines' additional_config elastic.weight_packing (default: auto)",
+    )
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
@@ -122,7 +128,10 @@ def parse_settings(description: str, extra: Any = None) -> tuple[Settings, argpa
         threads=args.threads,
     )
     set_threads(settings.threads)
-    global RETRIES, QUIET_WAIT_S
+    global RETRIES, QUIET_WAIT_S, WEIGHT_PACKING
+    WEIGHT_PACKING = args.weight_packing
+    if args.weight_packing:
+        settings.notes.append(f"elastic weight packing: {args.weight_packing}")
     if settings.quick:  # quick mode asserts no speed: never wait or retry
         RETRIES, QUIET_WAIT_S = 0, 0.0
     if args.quiet_wait is not None:
@@ -350,11 +359,27 @@ def _kv_bytes(cfg: Any, kv_heads: int, layers: int, itemsize: int = 4) -> int:
 # --------------------------------------------------------------------------- engines
 
 
+def is_elastic(model: Path | str) -> bool:
+    """Whether ``model`` is an elastic checkpoint (``model_type: elastic_*``)."""
+    config = Path(model) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith(
+        "elastic_"
+    )
+
+
 def open_engine(model: Path | str, **overrides: Any) -> Any:
-    """An in-process ``vllm.LLM`` with the benchmark defaults (``ENGINE_KWARGS``)."""
+    """An in-process ``vllm.LLM`` with the benchmark defaults (``ENGINE_KWARGS``).
+
+    Elastic checkpoints get ``--weight-packing`` in ``additional_config["elastic"]``.
+    """
     from vllm import LLM
 
-    return LLM(str(model), **{**ENGINE_KWARGS, **overrides})
+    kwargs = {**ENGINE_KWARGS, **overrides}
+    if WEIGHT_PACKING is not None and is_elastic(model):
+        extra = dict(kwargs.get("additional_config") or {})
+        extra["elastic"] = {"weight_packing": WEIGHT_PACKING, **extra.get("elastic", {})}
+        kwargs["additional_config"] = extra
+    return LLM(str(model), **kwargs)
 
 
 def close_engine(llm: Any) -> None:
@@ -380,12 +405,16 @@ def engine_info(llm: Any) -> dict[str, Any]:
     import torch
 
     cfg = llm.llm_engine.vllm_config
-    return {
+    info = {
         "max_num_seqs": cfg.scheduler_config.max_num_seqs,
         "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
         "max_model_len": cfg.model_config.max_model_len,
         "torch_threads": torch.get_num_threads(),
     }
+    packing = llm.apply_model(lambda model: getattr(model, "weight_packing", None))[0]
+    if packing:
+        info["weight_packing"] = packing
+    return info
 
 
 # --------------------------------------------------------------------------- requests

@@ -67,6 +67,35 @@ CHECKPOINTS: dict[str, dict[str, Any]] = {
             {"name": "deep", "layers": [1, 3], "num_key_value_heads": 1, "num_attention_heads": 2},
         ],
     ),
+    # a nested chain (every size shrinks together), like real elastic checkpoints: every
+    # projection is stored as nested shells (weight_packing auto = nested on CPU)
+    "llama_chain": dict(
+        family="llama",
+        hidden_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        intermediate_size=256,
+        seed=3,
+        budgets=[
+            {"name": "full"},
+            {
+                "name": "mid",
+                "hidden_size": 96,
+                "num_key_value_heads": 3,
+                "num_attention_heads": 6,
+                "intermediate_size": 192,
+            },
+            {
+                "name": "small",
+                "hidden_size": 64,
+                "num_key_value_heads": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": [128, 64, 160],
+            },
+        ],
+    ),
 }
 
 ENGINE_KWARGS: dict[str, Any] = dict(

@@ -9,10 +9,14 @@ rank ``g % tp`` (local index ``g // tp``), its query-head group follows it, and 
 
 Within a rank:
 
-* ``qkv`` rows are ``[q | k | v]``; q rows are grouped by local KV head (the attention
-  kernel's order: local query head ``j*G + i`` uses local KV head ``j``).
-* ``gate_up`` rows interleave gate and up per channel (``2c`` = gate, ``2c+1`` = up), so a
-  budget's first ``I`` channels are the first ``2I`` rows: one GEMM per budget.
+* ``qkv`` rows are ``[k | v | q]``; q rows are grouped by local KV head (the attention
+  kernel's order: local query head ``j*G + i`` uses local KV head ``j``). K/V are computed
+  at full width for every budget, so a budget's rows are a prefix: all K/V, then the
+  q rows of its kept KV groups.
+* ``gate_up`` rows are band-major: the layer's distinct budget MLP widths
+  ``I_1 < I_2 < ...`` cut the channels into bands, and band ``[a, b)`` holds
+  ``gate[a:b]`` then ``up[a:b]``. A budget's first ``I`` channels are the first ``2I``
+  rows, and each band's gate and up halves are contiguous for the activation.
 """
 
 from __future__ import annotations
@@ -51,3 +55,20 @@ def kv_rows_of_rank(total_kv_heads: int, head_dim: int, tp_size: int, tp_rank: i
 def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     base = torch.tensor(heads, dtype=torch.long).unsqueeze(1) * head_dim
     return (base + torch.arange(head_dim)).reshape(-1)
+
+
+def gate_up_rows(bounds: list[int], inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of local gate and up channels ``0..inter-1`` in the band-major gate_up weight.
+
+    ``bounds`` are the layer's distinct budget MLP widths (ascending, the last = ``inter``).
+    Channel ``c`` of band ``[a, b)`` has its gate at row ``a + c`` and its up at ``b + c``.
+    """
+    gate = torch.empty(inter, dtype=torch.long)
+    up = torch.empty(inter, dtype=torch.long)
+    a = 0
+    for b in bounds:
+        c = torch.arange(a, b)
+        gate[a:b] = a + c
+        up[a:b] = b + c
+        a = b
+    return gate, up

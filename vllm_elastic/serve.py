@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vllm_elastic.models.nested_linear import PACKINGS
 from vllm_elastic.policy import KEY_ANSWER, KEY_BUDGET, KEY_KV_MODE, KEY_THINK, KV_MODES
 
 POLICY_FLAGS = {
@@ -53,6 +54,12 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--elastic-answer-budget", help="default budget of the answer phase")
     group.add_argument("--elastic-kv-mode", choices=KV_MODES, help="K/V at the switch")
     group.add_argument("--elastic-think-end", help="end-of-thinking marker (overrides)")
+    group.add_argument(
+        "--elastic-weight-packing",
+        choices=PACKINGS,
+        help="CPU weight storage: nested (1.0x memory, default), per-budget (one packed "
+        "copy per budget: faster, sum of the budgets' bytes) or views",
+    )
 
 
 def elastic_section(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +71,8 @@ def elastic_section(args: argparse.Namespace) -> dict[str, Any]:
             section[key] = value
     if args.elastic_think_end is not None:
         section["think_end"] = args.elastic_think_end
+    if getattr(args, "elastic_weight_packing", None) is not None:
+        section["weight_packing"] = args.elastic_weight_packing
     return section
 
 

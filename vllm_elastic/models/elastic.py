@@ -28,6 +28,7 @@ from vllm.distributed import (
     tensor_model_parallel_all_reduce,
 )
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -43,11 +44,14 @@ from vllm_elastic.batch_state import ElasticBatchState, lookup_state
 from vllm_elastic.budgets import Budget, ElasticSpec
 from vllm_elastic.layout import (
     channels_of_rank,
+    gate_up_rows,
     kv_rows_of_rank,
     q_rows_of_rank,
 )
+from vllm_elastic.models.nested_linear import NestedLinear, resolve_packing
 
 Index = slice | torch.Tensor
+logger = init_logger(__name__)
 
 
 def _take(t: torch.Tensor, idx: Index) -> torch.Tensor:
@@ -76,6 +80,7 @@ class _Segment:
 
     budget: int
     idx: Index
+    rows: int
     hidden: torch.Tensor
     residual: torch.Tensor | None = None
 
@@ -139,6 +144,15 @@ class ElasticDecoderLayer(nn.Module):
             prefix=f"{prefix}.self_attn.attn",
         )
         self.cuts = [self._cut(b) for b in spec.budgets]
+        kept = [c if c.kept else None for c in self.cuts]
+        self.inter_bounds = sorted({c.inter for c in kept if c is not None} | {self.inter})
+        self.gate_rows, self.up_rows = gate_up_rows(self.inter_bounds, self.inter)
+        kv2 = 2 * self.kv_size
+        self.qkv = NestedLinear([(kv2 + (c.q_rows if c.kept else 0), c.hidden) for c in self.cuts])
+        self.o = NestedLinear([None if c is None else (c.hidden, c.q_rows) for c in kept])
+        self.gate_up = NestedLinear([None if c is None else (2 * c.inter, c.hidden) for c in kept])
+        self.down = NestedLinear([None if c is None else (c.hidden, c.inter) for c in kept])
+        self.bias_after_reduce = self.tp_size > 1
 
     def _cut(self, b: Budget) -> _LayerCut:
         kv_groups = b.num_key_value_heads // self.tp_size
@@ -166,9 +180,9 @@ class ElasticDecoderLayer(nn.Module):
         kind = name.rsplit(".", 1)[-1]  # weight | bias
         module = name.rsplit(".", 1)[0]
         target = {
-            "self_attn.q_proj": ("qkv", slice(0, qs), q_rows),
-            "self_attn.k_proj": ("qkv", slice(qs, qs + ks), kv_rows),
-            "self_attn.v_proj": ("qkv", slice(qs + ks, qs + 2 * ks), kv_rows),
+            "self_attn.k_proj": ("qkv", slice(0, ks), kv_rows),
+            "self_attn.v_proj": ("qkv", slice(ks, 2 * ks), kv_rows),
+            "self_attn.q_proj": ("qkv", slice(2 * ks, 2 * ks + qs), q_rows),
         }.get(module)
         if target is not None:
             param = getattr(self, f"{target[0]}_{kind}")
@@ -182,8 +196,8 @@ class ElasticDecoderLayer(nn.Module):
             return [f"o_{kind}"]
         if module in ("mlp.gate_proj", "mlp.up_proj"):
             param = getattr(self, f"gate_up_{kind}")
-            half = 0 if module == "mlp.gate_proj" else 1
-            param.data.view(self.inter, 2, *param.shape[1:])[:, half].copy_(w[ch])
+            rows = self.gate_rows if module == "mlp.gate_proj" else self.up_rows
+            param.data.index_copy_(0, rows, w[ch].to(param.dtype))
             return [f"gate_up_{kind}"]
         if module == "mlp.down_proj":
             if kind == "weight":
@@ -198,6 +212,29 @@ class ElasticDecoderLayer(nn.Module):
             return [name]
         raise KeyError(name)
 
+    def pack_weights(self, packing: str) -> dict[str, str]:
+        """Store the four projections for the forward (see ``NestedLinear``).
+
+        Packed projections drop their plain parameter (as vLLM's CPU linears do).
+        Returns the packing each projection got.
+        """
+        row_bias = self.tp_size == 1  # row-parallel biases are added after the all-reduce
+        used = {}
+        for name, bias_in_gemm in (
+            ("qkv", True),
+            ("o", row_bias),
+            ("gate_up", True),
+            ("down", row_bias),
+        ):
+            weight = getattr(self, f"{name}_weight")
+            bias = getattr(self, f"{name}_bias") if bias_in_gemm else None
+            nl: NestedLinear = getattr(self, name)
+            used[name] = nl.pack(weight.data, None if bias is None else bias.data, packing)
+            if used[name] != "views":
+                weight.data = weight.data.new_empty(0)
+        self.bias_after_reduce = not row_bias
+        return used
+
     # ----------------------------------------------------------------------- forward
     def _norm(
         self, weight: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -206,7 +243,7 @@ class ElasticDecoderLayer(nn.Module):
         w = weight[: x.shape[-1]]
         if residual is None:
             return ir.ops.rms_norm(x, w, self.eps), x
-        return ir.ops.fused_add_rms_norm(x, residual, w, self.eps)
+        return ir.ops.fused_add_rms_norm(x.contiguous(), residual, w, self.eps)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return tensor_model_parallel_all_reduce(x) if self.tp_size > 1 else x
@@ -214,46 +251,34 @@ class ElasticDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, segments: list[_Segment], num_tokens: int) -> None:
         """Run the layer for every segment, updating each segment's stream in place."""
         qs, ks = self.q_size, self.kv_size
-        w_qkv, b_qkv = self.qkv_weight, self.qkv_bias
-        single = len(segments) == 1
-        q = k = v = None
-        if not single:
-            q = w_qkv.new_zeros(num_tokens, qs)
-            k = w_qkv.new_empty(num_tokens, ks)
-            v = w_qkv.new_empty(num_tokens, ks)
+        xs = []
         for seg in segments:
-            cut = self.cuts[seg.budget]
-            h = cut.hidden
-            if cut.kept:
+            if self.cuts[seg.budget].kept:
                 seg.hidden, seg.residual = self._norm(
                     self.input_layernorm.weight, seg.hidden, seg.residual
                 )
-                x = seg.hidden
+                xs.append(seg.hidden)
             else:  # skipped layer: K/V only, from the stream it passes through
                 stream = seg.hidden if seg.residual is None else seg.hidden + seg.residual
-                x, _ = self._norm(self.input_layernorm.weight, stream, None)
-            if cut.kept and cut.q_rows == qs:
-                qkv = F.linear(x, w_qkv[:, :h], b_qkv)
-                sq, skv = qkv[:, :qs], qkv[:, qs:]
-            else:
-                skv = F.linear(x, w_qkv[qs:, :h], None if b_qkv is None else b_qkv[qs:])
-                sq = None
-                if cut.kept:
-                    rows = cut.q_rows
-                    sq = F.linear(x, w_qkv[:rows, :h], None if b_qkv is None else b_qkv[:rows])
-            if single:
-                k, v = skv[:, :ks], skv[:, ks:]
-                if sq is not None and sq.shape[1] == qs:
-                    q = sq
-                else:
-                    q = w_qkv.new_zeros(num_tokens, qs)
-                    if sq is not None:
-                        q[:, : sq.shape[1]] = sq
-            else:
-                _put(k, seg.idx, skv[:, :ks])
-                _put(v, seg.idx, skv[:, ks:])
-                if sq is not None:
-                    _put(q[:, : sq.shape[1]], seg.idx, sq)
+                xs.append(self._norm(self.input_layernorm.weight, stream, None)[0])
+        qkv = self.qkv(_stack(xs), [(s.budget, s.rows) for s in segments])
+        if len(segments) == 1:
+            k, v, q = qkv[:, :ks], qkv[:, ks : 2 * ks], qkv[:, 2 * ks :]
+            if q.shape[1] != qs:
+                q = _pad_columns(q, qs)
+        else:
+            q = qkv.new_zeros(num_tokens, qs)
+            k = qkv.new_empty(num_tokens, ks)
+            v = qkv.new_empty(num_tokens, ks)
+            start = 0
+            for seg in segments:
+                part = qkv[start : start + seg.rows]
+                start += seg.rows
+                _put(k, seg.idx, part[:, :ks])
+                _put(v, seg.idx, part[:, ks : 2 * ks])
+                rows = self.cuts[seg.budget].q_rows if self.cuts[seg.budget].kept else 0
+                if rows:
+                    _put(q[:, :rows], seg.idx, part[:, 2 * ks : 2 * ks + rows])
 
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(num_tokens, self.n_q, self.head_dim)).view(num_tokens, qs)
@@ -261,31 +286,96 @@ class ElasticDecoderLayer(nn.Module):
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v)
 
-        for seg in segments:
-            cut = self.cuts[seg.budget]
-            if not cut.kept:
-                continue
-            self._finish(seg, cut, _take(out, seg.idx)[:, : cut.q_rows])
+        kept = [s for s in segments if self.cuts[s.budget].kept]
+        if kept:
+            self._mlp_block(kept, [self._heads_of(s, out) for s in kept])
 
-    def _finish(self, seg: _Segment, cut: _LayerCut, attn: torch.Tensor) -> None:
-        """o_proj, residual, MLP for one segment."""
-        h = cut.hidden
+    def _heads_of(self, seg: _Segment, out: torch.Tensor) -> torch.Tensor:
+        """The segment's attention output over its kept heads (dropped heads zeroed)."""
+        cut = self.cuts[seg.budget]
+        attn = _take(out, seg.idx)[:, : cut.q_rows]
         if cut.heads_per_group < self.group:
             attn = attn.reshape(attn.shape[0], cut.kv_groups, self.group, self.head_dim).clone()
             attn[:, :, cut.heads_per_group :] = 0
             attn = attn.view(attn.shape[0], -1)
-        o = self._reduce(F.linear(attn, self.o_weight[:h, : cut.q_rows]))
-        if self.o_bias is not None:
-            o = o + self.o_bias[:h]
-        x, seg.residual = self._norm(self.post_attention_layernorm.weight, o, seg.residual)
-        rows = 2 * cut.inter
-        b_gu = None if self.gate_up_bias is None else self.gate_up_bias[:rows]
-        gu = F.linear(x, self.gate_up_weight[:rows, :h], b_gu)
-        act = F.silu(gu[:, 0::2]) * gu[:, 1::2]
-        d = self._reduce(F.linear(act, self.down_weight[:h, : cut.inter]))
-        if self.down_bias is not None:
-            d = d + self.down_bias[:h]
-        seg.hidden = d
+        return attn
+
+    def _mlp_block(self, segs: list[_Segment], attn: list[torch.Tensor]) -> None:
+        """o_proj, residual + norm, MLP for the segments that keep this layer."""
+        runs = [(s.budget, s.rows) for s in segs]
+        o = self._reduce(self.o(_stack(attn), runs))
+        xs = []
+        for seg, part in zip(segs, _split(o, segs)):
+            h = self.cuts[seg.budget].hidden
+            part = part[:, :h]
+            if self.o_bias is not None and self.bias_after_reduce:
+                part = part + self.o_bias[:h]
+            x, seg.residual = self._norm(self.post_attention_layernorm.weight, part, seg.residual)
+            xs.append(x)
+        gu = self.gate_up(_stack(xs), runs)
+        act = self._activation(gu, segs)
+        d = self._reduce(self.down(act, runs))
+        for seg, part in zip(segs, _split(d, segs)):
+            h = self.cuts[seg.budget].hidden
+            part = part[:, :h]
+            if self.down_bias is not None and self.bias_after_reduce:
+                part = part + self.down_bias[:h]
+            seg.hidden = part.contiguous()
+
+    def _activation(self, gu: torch.Tensor, segs: list[_Segment]) -> torch.Tensor:
+        """SiLU(gate) * up, band by band of the band-major gate_up output."""
+        if len(segs) == 1 and self.cuts[segs[0].budget].inter == self.inter_bounds[0]:
+            n = self.inter_bounds[0]
+            return F.silu(gu[:, :n]) * gu[:, n : 2 * n]
+        top = max(self.cuts[s.budget].inter for s in segs)
+        act = gu.new_empty(gu.shape[0], top)
+        start = 0
+        for seg in segs:
+            rows = slice(start, start + seg.rows)
+            start += seg.rows
+            a = 0
+            for b in self.inter_bounds:
+                if b > self.cuts[seg.budget].inter:
+                    break
+                torch.mul(
+                    F.silu(gu[rows, a + a : a + b]), gu[rows, a + b : b + b], out=act[rows, a:b]
+                )
+                a = b
+        return act
+
+
+def _stack(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of every tensor, one after another, in a buffer as wide as the widest."""
+    if len(xs) == 1:
+        return xs[0]
+    out = xs[0].new_empty(sum(x.shape[0] for x in xs), max(x.shape[1] for x in xs))
+    start = 0
+    for x in xs:
+        out[start : start + x.shape[0], : x.shape[1]] = x
+        start += x.shape[0]
+    return out
+
+
+def _split(x: torch.Tensor, segs: list[_Segment]) -> list[torch.Tensor]:
+    """The row blocks of ``x`` belonging to each segment, in order."""
+    return list(x.split([s.rows for s in segs]))
+
+
+def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    out = x.new_zeros(x.shape[0], width)
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def _budget_size(b: Budget) -> tuple[int, ...]:
+    """Sort key: larger budgets (wider, more channels/heads/layers) sort later."""
+    return (
+        b.hidden_size,
+        sum(b.intermediate_sizes),
+        b.num_key_value_heads,
+        b.num_attention_heads,
+        len(b.layers),
+    )
 
 
 class ElasticForCausalLM(nn.Module):
@@ -319,6 +409,12 @@ class ElasticForCausalLM(nn.Module):
             config.vocab_size, scale=getattr(config, "logit_scale", 1.0)
         )
         self.widths = np.array([b.hidden_size for b in self.spec.budgets])
+        self.size_order = sorted(
+            range(len(self.spec.budgets)),
+            key=lambda i: _budget_size(self.spec.budgets[i]),
+            reverse=True,
+        )
+        self.weight_packing: dict[str, str] = {}
         self.full_index = self.spec.full.index
         self._state: ElasticBatchState | None = None
         self._logit_budgets: np.ndarray | None = None
@@ -359,13 +455,17 @@ class ElasticForCausalLM(nn.Module):
         self._logit_budgets = tb[qsl[1:] - 1] if len(counts) else None
         return tb
 
-    @staticmethod
-    def _segments_of(tb: np.ndarray, device: torch.device) -> list[tuple[int, Index]]:
+    def _segments_of(self, tb: np.ndarray, device: torch.device) -> list[tuple[int, Index]]:
+        """(budget, token index) per budget present, largest budget first.
+
+        Largest first makes each nested projection's shells apply to a prefix of the
+        stacked rows (see ``NestedLinear``).
+        """
         first = int(tb[0])
         if (tb == first).all():
             return [(first, slice(0, len(tb)))]
         out: list[tuple[int, Index]] = []
-        for b in np.unique(tb):
+        for b in sorted(np.unique(tb).tolist(), key=self.size_order.index):
             pos = np.flatnonzero(tb == b)
             if pos[-1] - pos[0] + 1 == len(pos):
                 out.append((int(b), slice(int(pos[0]), int(pos[-1]) + 1)))
@@ -390,7 +490,8 @@ class ElasticForCausalLM(nn.Module):
         segments = []
         for budget, idx in self._segments_of(tb, embeds.device):
             h = int(self.widths[budget])
-            segments.append(_Segment(budget, idx, _take(embeds, idx)[:, :h].contiguous()))
+            x = _take(embeds, idx)[:, :h].contiguous()
+            segments.append(_Segment(budget, idx, x.shape[0], x))
         for layer in self.layers:
             layer(positions, segments, num_tokens)
         if len(segments) == 1 and int(self.widths[segments[0].budget]) == self.hidden_size:
@@ -440,6 +541,26 @@ class ElasticForCausalLM(nn.Module):
         return logits
 
     # ---------------------------------------------------------------- weight loading
+    def process_weights_after_loading(self) -> None:
+        """Pack every layer's projections (``additional_config["elastic"]["weight_packing"]``)."""
+        section = (self.vllm_config.additional_config or {}).get("elastic", {}) or {}
+        requested = section.get("weight_packing", "auto")
+        packing = resolve_packing(requested, self.layers[0].qkv_weight.device)
+        used: dict[str, str] = {}
+        for layer in self.layers:
+            for name, how in layer.pack_weights(packing).items():
+                used[name] = how if used.get(name, how) == how else "mixed"
+        self.weight_packing = {"requested": requested, **used}
+        logger.info("vllm-elastic weight packing: %s", self.weight_packing)
+
+    def packed_weight_bytes(self) -> int:
+        """Bytes of the oneDNN-packed projection blocks (beside the parameters)."""
+        return sum(
+            nl.packed_bytes()
+            for layer in self.layers
+            for nl in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        )
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
         loaded: set[str] = set()

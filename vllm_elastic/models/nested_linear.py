@@ -1,0 +1,170 @@
+"""A linear layer serving nested prefixes ``W[:n, :k]`` of one weight, one per budget.
+
+Budget ``b`` of a layer multiplies its first ``k_b`` input channels by the first ``n_b``
+output rows of the parent weight. The distinct ``(n, k)`` points of the budgets, sorted,
+are the *levels* of the linear; when they form a chain (both sizes grow together, as in
+every nested checkpoint) the weight can be stored so that each level is fast:
+
+``views``
+    keep ``W`` and call ``F.linear`` on the view ``W[:n, :k]``. GPUs (cuBLAS takes strided
+    operands) and the fallback everywhere.
+``nested``
+    (CPU, oneDNN) cut ``W`` into L-shaped shells, one per level ``c``: the band of new rows
+    ``W[n_{c-1}:n_c, :k_c]`` and the strip of new columns ``W[:n_{c-1}, k_{c-1}:k_c]``, each
+    prepacked once for oneDNN like vLLM's own CPU linears. Level ``c`` sums ``2c + 1``
+    GEMMs; the shells hold exactly the elements of ``W`` (1.0x memory). Rows of several
+    levels stacked in descending level order share each shell's GEMM, so a mixed batch
+    reads every weight element once.
+``per-budget``
+    (CPU, oneDNN) one packed copy of ``W[:n_l, :k_l]`` per level: one GEMM per level, like a
+    stock engine serving the sliced checkpoint, for the sum of the levels' bytes.
+
+A call takes the input rows grouped in *runs* ``(level, rows)``; the output has the top
+level's width, and a row's values past its own level's width are undefined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PACKINGS = ("auto", "nested", "per-budget", "views")
+
+
+def onednn_available() -> bool:
+    """Whether vLLM's CPU oneDNN GEMM (``_C.onednn_mm``) is built into this vLLM."""
+    try:
+        import vllm._custom_ops as ops
+    except ImportError:  # pragma: no cover - vLLM always ships it
+        return False
+    return bool(getattr(ops, "_supports_onednn", False))
+
+
+def resolve_packing(packing: str, device: torch.device) -> str:
+    """The packing to use: ``auto`` is ``nested`` on CPU with oneDNN, else ``views``."""
+    if packing not in PACKINGS:
+        raise ValueError(f"weight packing must be one of {PACKINGS}, got {packing!r}")
+    cpu_onednn = device.type == "cpu" and onednn_available()
+    if packing == "auto":
+        return "nested" if cpu_onednn else "views"
+    if packing != "views" and not cpu_onednn:
+        return "views"
+    return packing
+
+
+class _Packed:
+    """One oneDNN-prepacked weight block ``[n, k]`` (and its bias)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        import vllm._custom_ops as ops
+
+        self.n, self.k = weight.shape
+        self.handler = ops.create_onednn_mm(weight.t(), 32)
+        self.bias = None if bias is None else bias.detach().clone()
+        self.bytes = weight.numel() * weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], self.n, dtype=x.dtype, device=x.device)
+        torch.ops._C.onednn_mm(out, x, self.bias, self.handler.handler_tensor)
+        return out
+
+
+class NestedLinear:
+    """``y = x[:, :k_b] @ W[:n_b, :k_b].T (+ bias[:n_b])`` for every budget ``b``.
+
+    ``points[b] = (n_b, k_b)``, or ``None`` for a budget that never calls it (a budget
+    that skips the layer). Call :meth:`pack` once the weight is loaded.
+    """
+
+    def __init__(self, points: Sequence[tuple[int, int] | None]) -> None:
+        self.levels = sorted({p for p in points if p is not None})
+        self.level_of = [None if p is None else self.levels.index(p) for p in points]
+        self.is_chain = all(
+            a[0] <= b[0] and a[1] <= b[1] for a, b in zip(self.levels, self.levels[1:])
+        )
+        self.packing = "views"
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self._bands: list[_Packed | None] = []
+        self._strips: list[_Packed | None] = []
+        self._per_level: list[_Packed] = []
+
+    # ------------------------------------------------------------------ packing
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None, packing: str) -> str:
+        """Store ``weight`` (``[N, K]``) the way ``packing`` says; returns the packing used.
+
+        ``nested`` needs the levels to form a chain and falls back to ``views`` otherwise.
+        """
+        if packing == "nested" and not self.is_chain:
+            packing = "views"
+        self.packing = packing
+        if packing == "views":
+            self.weight, self.bias = weight, bias
+            return packing
+        bias_of = (lambda a, b: None) if bias is None else (lambda a, b: bias[a:b])
+        if packing == "per-budget":
+            self._per_level = [_Packed(weight[:n, :k], bias_of(0, n)) for n, k in self.levels]
+            return packing
+        n0 = k0 = 0
+        for n, k in self.levels:
+            self._bands.append(_Packed(weight[n0:n, :k], bias_of(n0, n)) if n > n0 else None)
+            self._strips.append(_Packed(weight[:n0, k0:k], None) if n0 and k > k0 else None)
+            n0, k0 = n, k
+        return packing
+
+    def packed_bytes(self) -> int:
+        """Bytes of the oneDNN-packed blocks (0 for ``views``: the plain parameter holds it)."""
+        blocks = [*self._bands, *self._strips, *self._per_level]
+        return sum(b.bytes for b in blocks if b is not None)
+
+    # ------------------------------------------------------------------ forward
+    def width(self, budget: int) -> int:
+        """Output width of budget ``budget``."""
+        return self.levels[self.level_of[budget]][0]
+
+    def __call__(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Apply to ``x`` whose rows are ``runs`` = ``[(budget, rows), ...]`` in order."""
+        levels = [(self.level_of[b], m) for b, m in runs if m]
+        if len(levels) == 1:
+            return self._one_level(x, levels[0][0])
+        top = max(lv for lv, _ in levels)
+        descending = all(a[0] >= b[0] for a, b in zip(levels, levels[1:]))
+        if self.packing == "nested" and descending:
+            return self._nested(x, levels)
+        out = x.new_empty(x.shape[0], self.levels[top][0])
+        start = 0
+        for lv, m in levels:
+            y = self._one_level(x[start : start + m], lv)
+            out[start : start + m, : y.shape[1]] = y
+            start += m
+        return out
+
+    def _one_level(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        n, k = self.levels[level]
+        if self.packing == "views":
+            bias = None if self.bias is None else self.bias[:n]
+            return F.linear(x[:, :k], self.weight[:n, :k], bias)
+        if self.packing == "per-budget":
+            return self._per_level[level](x[:, :k])
+        return self._nested(x, [(level, x.shape[0])])
+
+    def _nested(self, x: torch.Tensor, levels: list[tuple[int, int]]) -> torch.Tensor:
+        """Shell by shell; rows of level >= c are a prefix since levels descend."""
+        top = levels[0][0]
+        rows = [sum(m for lv, m in levels if lv >= c) for c in range(top + 1)]
+        bands = [(c, b) for c, b in enumerate(self._bands[: top + 1]) if b is not None]
+        if len(bands) == 1 and not any(self._strips[: top + 1]) and rows[0] == x.shape[0]:
+            return bands[0][1](x[:, : self.levels[bands[0][0]][1]])
+        out = x.new_empty(x.shape[0], self.levels[top][0])
+        for c, band in bands:
+            n0 = self.levels[c - 1][0] if c else 0
+            n, k = self.levels[c]
+            out[: rows[c], n0:n] = band(x[: rows[c], :k])
+        for c in range(1, top + 1):
+            strip = self._strips[c]
+            if strip is not None:
+                k0, k = self.levels[c - 1][1], self.levels[c][1]
+                out[: rows[c], : strip.n] += strip(x[: rows[c], k0:k])
+        return out
