@@ -202,7 +202,31 @@ def analyse(
                 entry["of_blend_limit"] = round(sp / blend, 4)
             entry["pass"] = sp / limit >= TARGET
             speedups[name] = entry
-    return {"rows": rows, "flop_limit": round(limit, 4), "checks": checks, "speedups": speedups}
+    out = {"rows": rows, "flop_limit": round(limit, 4), "checks": checks, "speedups": speedups}
+    reuse, recompute = ok.get(f"{think}->{answer} reuse"), ok.get(f"{think}->{answer} recompute")
+    if reuse is not None and recompute is not None:
+        out["reuse_vs_recompute"] = agreement(
+            split(reuse.best.outputs, shape.think)[1], split(recompute.best.outputs, shape.think)[1]
+        )
+    return out
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
+    """How often two configs' answers agree: whole answers, first token, common prefix."""
+
+    def common(x: list[int], y: list[int]) -> int:
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        return n
+
+    pairs = list(zip(a, b, strict=True))
+    return {
+        "answers_identical": round(c.same_outputs(a, b), 4),
+        "first_token_identical": round(sum(x[:1] == y[:1] for x, y in pairs) / len(pairs), 4),
+        "mean_common_prefix_tokens": round(sum(common(x, y) for x, y in pairs) / len(pairs), 2),
+        "answer_tokens": max((len(x) for x in a), default=0),
+    }
 
 
 def _blend_limit(shape: Shape, t_full: float, t_think: float) -> float:
@@ -261,7 +285,15 @@ def tables(analysis: dict[str, Any]) -> list[str]:
             for n, v in analysis["checks"].items()
         ],
     )
-    return [runs, sp, chk]
+    out = [runs, sp, chk]
+    agree = analysis.get("reuse_vs_recompute")
+    if agree is not None:
+        out.append(
+            "reuse vs recompute (same requests; recompute re-runs the thinking tokens at "
+            "the answer budget, reuse keeps their K/V from the think budget):\n\n"
+            + c.md_table(list(agree), [list(agree.values())])
+        )
+    return out
 
 
 def main() -> None:

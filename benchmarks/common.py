@@ -824,6 +824,11 @@ def bar_plot(
     if target is not None:
         ax.axhline(target, color="red", linestyle="--", linewidth=1, label=f"target {target}")
     ax.set_xticks(range(len(categories)), [textwrap.fill(x, 14) for x in categories])
+    return _save_figure(plt, fig, ax, path, ylabel, title)
+
+
+def _save_figure(plt: Any, fig: Any, ax: Any, path: Path, ylabel: str, title: str) -> Path:
+    """Label, lay out and write a figure as PNG; close it."""
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -852,14 +857,7 @@ def line_plot(
         ax.set_xscale("log", base=2)
     ax.set_xticks(list(xs), [str(x) for x in xs])
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, ax, path, ylabel, title)
 
 
 # --------------------------------------------------------------------------- workloads

@@ -14,5 +14,12 @@ for script in "${SCRIPTS[@]}"; do
     echo "=== $script $* ($((SECONDS - start)) s elapsed)"
     "$PY" "benchmarks/$script.py" "$@"
 done
+# the speed option: one packed weight copy per budget (memory = the stock engines' sum)
+VARIANT_DIR=benchmarks/results/per_budget
+[ ${#QUICK[@]} -gt 0 ] && VARIANT_DIR=benchmarks/results/quick/per_budget
+for script in bench_budgets bench_mixed; do
+    echo "=== $script --weight-packing per-budget ($((SECONDS - start)) s elapsed)"
+    "$PY" "benchmarks/$script.py" "$@" --weight-packing per-budget --out-dir "$VARIANT_DIR"
+done
 "$PY" benchmarks/summarize.py "${QUICK[@]}"
 echo "=== all done in $((SECONDS - start)) s"

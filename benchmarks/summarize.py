@@ -18,25 +18,30 @@ def load(out_dir: Path, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def budgets_rows(data: dict) -> list[tuple]:
+def _target_row(metric: str, value: float, target: str, passed: bool) -> tuple:
+    return (metric, value, target, "PASS" if passed else "FAIL")
+
+
+def budgets_rows(data: dict, label: str = "") -> list[tuple]:
     return [
-        (
-            f"throughput elastic/stock, budget {r['budget']}",
+        _target_row(
+            f"throughput elastic{label}/stock, budget {r['budget']}",
             r["throughput_ratio"],
             f">= {r['target']}",
-            "PASS" if r["pass"] else "FAIL",
+            r["pass"],
         )
         for r in data["rows"]
     ]
 
 
-def mixed_rows(data: dict) -> list[tuple]:
+def mixed_rows(data: dict, label: str = "") -> list[tuple]:
+    layout = data["layout"]
     return [
-        (
-            f"mixed {r['mix']} ({data['layout']}) vs ideal blend",
+        _target_row(
+            f"mixed{label} {r['mix']} ({layout}) vs ideal blend",
             r["ratio"],
             f">= {r['target']}",
-            "PASS" if r["pass"] else "FAIL",
+            r["pass"],
         )
         for r in data["rows"]
     ]
@@ -69,6 +74,10 @@ def control_rows(data: dict) -> list[tuple]:
         )
         verdict = "PASS" if s["pass"] else "FAIL"
         out.append((f"{name}: fraction of the FLOP limit", s["of_flop_limit"], ">= 0.9", verdict))
+    agree = data.get("reuse_vs_recompute")
+    if agree is not None:
+        for key in ("answers_identical", "first_token_identical", "mean_common_prefix_tokens"):
+            out.append((f"reuse vs recompute: {key}", agree[key], "-", "-"))
     return out
 
 
@@ -90,6 +99,9 @@ SECTIONS = {
     "scaling": scaling_rows,
 }
 
+VARIANT_SECTIONS = {"budgets": budgets_rows, "mixed": mixed_rows}
+PER_BUDGET_DIR = "per_budget"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,6 +117,10 @@ def main() -> None:
             continue
         meta = meta or data["meta"]
         rows += fn(data)
+    for name, fn in VARIANT_SECTIONS.items():  # run_all.sh's per-budget packing pass
+        data = load(out_dir / PER_BUDGET_DIR, name)
+        if data is not None:
+            rows += fn(data, " (per-budget packing)")
     lines = ["# Benchmark summary", ""]
     if meta is not None:
         m = meta["machine"]

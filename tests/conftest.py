@@ -232,6 +232,27 @@ def greedy(llm: Any, prompts: list[list[int]], extra: list[Any], max_tokens) -> 
     ]
 
 
+def generate_greedy(
+    llm: Any, prompts: list[list[int]], extra: list[Any], think: list[Any], max_tokens: int
+) -> list[Any]:
+    """Greedy ``CompletionOutput`` per prompt with ``extra_args`` and vLLM's
+    ``thinking_token_budget`` per request (``None``: no cap)."""
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            thinking_token_budget=t,
+            extra_args=e,
+        )
+        for e, t in zip(extra, think)
+    ]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
 LOGPROB_ATOL = 1e-4  # fp32; observed differences are ~3e-6
 
 

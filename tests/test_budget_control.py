@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ENGINE_KWARGS, EnginePool
+from conftest import ENGINE_KWARGS, EnginePool, generate_greedy
 
 NAME = "llama_bias"
 THINK, ANSWER = "tiny", "full"
@@ -34,20 +34,8 @@ def think_prompts(prompts, markers) -> list[list[int]]:
 
 
 def run(llm: Any, prompts, extra, think_tokens, max_tokens) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    params = [
-        SamplingParams(
-            max_tokens=max_tokens,
-            temperature=0.0,
-            ignore_eos=True,
-            thinking_token_budget=t,
-            extra_args=e,
-        )
-        for e, t in zip(extra, think_tokens)
-    ]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    outs = generate_greedy(llm, prompts, extra, think_tokens, max_tokens)
+    return [list(o.token_ids) for o in outs]
 
 
 def cases(think_prompts) -> list[tuple[list[int], int]]:

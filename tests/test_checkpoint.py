@@ -385,3 +385,20 @@ def test_parse_budget_spec() -> None:
     }
     with pytest.raises(ElasticConfigError, match="bad item"):
         parse_budget_spec("s:width=3")
+
+
+def test_slice_of_a_config_transformers_rejects_names_the_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hidden 50 over 4 heads of 8: a valid elastic budget (explicit head_dim), but
+    LlamaConfig rejects hidden_size % num_attention_heads != 0. Slicing fails with a named
+    error before writing anything."""
+    odd = {"name": "odd", "hidden_size": 50, "num_attention_heads": 4, "num_key_value_heads": 1}
+    ckpt = _build(tmp_path / "c", budgets=[{"name": "full"}, odd])
+    out = tmp_path / "out"
+    with pytest.raises(ElasticConfigError, match="budget 'odd'"):
+        slice_checkpoint(ckpt, "odd", out)
+    assert not out.exists()
+    assert main(["slice", str(ckpt), "--budget", "odd", "-o", str(out)]) == 2
+    assert "budget 'odd'" in capsys.readouterr().err
+    assert not out.exists()

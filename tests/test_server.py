@@ -18,12 +18,14 @@ from typing import Any
 import openai
 import pytest
 import requests
+from conftest import generate_greedy
 
 pytestmark = pytest.mark.server
 
 NAME = "llama_bias"
 SERVED = "elastic"
 DEFAULT_POLICY = {"elastic_think_budget": "tiny", "elastic_answer_budget": "full"}
+PACKING = "per-budget"  # not the CPU default: checks the flag reaches the model
 
 
 def _free_port() -> int:
@@ -33,9 +35,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory) -> Any:
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, server_log) -> Any:
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = server_log
     cmd = [
         sys.executable, "-m", "vllm_elastic.cli", "serve", str(checkpoint(NAME)),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED,
@@ -43,6 +50,7 @@ def server(checkpoint, tmp_path_factory) -> Any:
         "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "32",
         "--reasoning-parser", "qwen3",
         "--elastic-think-budget", "tiny", "--elastic-answer-budget", "full",
+        "--elastic-weight-packing", PACKING,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with open(log, "w") as out:
@@ -79,26 +87,14 @@ def offline(checkpoint, engines):
     """The same checkpoint offline (in this process), with the same default policy."""
 
     def run(prompts: list[list[int]], extra: list[Any], think: list[Any], max_tokens: int):
-        from vllm import SamplingParams
-
         llm = engines.get(
             ("server-offline",),
             checkpoint(NAME),
             reasoning_parser="qwen3",
-            additional_config={"elastic": DEFAULT_POLICY},
+            additional_config={"elastic": {**DEFAULT_POLICY, "weight_packing": PACKING}},
         )
-        params = [
-            SamplingParams(
-                max_tokens=max_tokens,
-                temperature=0.0,
-                ignore_eos=True,
-                thinking_token_budget=t,
-                extra_args=e,
-            )
-            for e, t in zip(extra, think)
-        ]
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in outs]
+        outs = generate_greedy(llm, prompts, extra, think, max_tokens)
+        return [(list(o.token_ids), o.text) for o in outs]
 
     return run
 
@@ -281,3 +277,9 @@ def test_bounded_concurrent_load_matches_offline(server, offline, prompts, check
     assert not bad, f"{len(bad)} outputs differ from offline: {bad}"
     for k, _, finish in results:
         assert finish == "length", f"request {k} ended with {finish}"
+
+
+def test_weight_packing_flag_reaches_the_model(server, server_log):
+    text = server_log.read_text()
+    assert f"'requested': '{PACKING}'" in text
+    assert f"'down': '{PACKING}'" in text

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -483,7 +484,16 @@ def plain_config(config: Any, budget: Budget) -> PreTrainedConfig:
         intermediate_size=max(budget.intermediate_sizes[layer] for layer in budget.layers),
         num_hidden_layers=len(budget.layers),
     )
-    return CONFIG_MAPPING[plain_type](**fields)
+    try:
+        return CONFIG_MAPPING[plain_type](**fields)
+    # e.g. LlamaConfig: hidden_size % num_attention_heads != 0 (transformers raises
+    # huggingface_hub's StrictDataclassClassValidationError, not a ValueError)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise ElasticConfigError(
+            f"budget {budget.name!r}: transformers rejects its standalone {plain_arch} config "
+            f"({err}); stock transformers and vLLM could not load the sliced checkpoint. "
+            "The elastic engine serves this budget as it is."
+        ) from err
 
 
 def slice_checkpoint(ckpt_dir: str | Path, budget_name: str, out_dir: str | Path) -> Path:
@@ -506,10 +516,11 @@ def slice_checkpoint(ckpt_dir: str | Path, budget_name: str, out_dir: str | Path
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     config = load_elastic_config(ckpt)
     budget = get_budget(spec_from_hf_config(config), budget_name)
+    plain = plain_config(config, budget)  # raises before anything is written
     tensors = slice_state_dict(load_state_dict(ckpt), config, budget)
     out.mkdir(parents=True, exist_ok=True)
     _save_tensors(tensors, out)
-    plain_config(config, budget).save_pretrained(out)
+    plain.save_pretrained(out)
     for path in sorted(ckpt.iterdir()):
         if path.is_file() and path.name not in _NOT_COPIED and path.suffix != ".safetensors":
             shutil.copy2(path, out / path.name)

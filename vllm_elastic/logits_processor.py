@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from vllm import SamplingParams
-from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import (
     BatchUpdate,
     LogitsProcessor,
@@ -26,10 +25,11 @@ from vllm.v1.sample.logits_processor import (
 )
 
 from vllm_elastic.batch_state import NEVER, ElasticBatchState, register_state
+from vllm_elastic.log import get_logger
 from vllm_elastic.markers import ThinkMarkers, ends_with, last_occurrence, resolve_markers
 from vllm_elastic.policy import Policy, policy_from_extra_args
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass

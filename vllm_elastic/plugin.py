@@ -10,11 +10,10 @@ import os
 import sys
 from typing import Any
 
-from vllm.logger import init_logger
-
 from vllm_elastic.config import FAMILIES
+from vllm_elastic.log import get_logger
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 MODEL_MODULE = "vllm_elastic.models.elastic"
 # Loaded in an OpenAI API-server process by the time vLLM loads plugins there.

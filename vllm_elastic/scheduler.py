@@ -19,14 +19,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from vllm_elastic.log import get_logger
 from vllm_elastic.markers import ThinkMarkers, ends_with, resolve_markers
 from vllm_elastic.policy import KEY_ANSWER, KEY_KV_MODE, KEY_THINK
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 RECOMPUTE_SALT = "answer-recompute"
 

@@ -28,7 +28,6 @@ from vllm.distributed import (
     tensor_model_parallel_all_reduce,
 )
 from vllm.forward_context import get_forward_context, is_forward_context_available
-from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -48,10 +47,11 @@ from vllm_elastic.layout import (
     kv_rows_of_rank,
     q_rows_of_rank,
 )
+from vllm_elastic.log import get_logger
 from vllm_elastic.models.nested_linear import NestedLinear, resolve_packing
 
 Index = slice | torch.Tensor
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 
 def _take(t: torch.Tensor, idx: Index) -> torch.Tensor:
@@ -188,23 +188,16 @@ class ElasticDecoderLayer(nn.Module):
             param = getattr(self, f"{target[0]}_{kind}")
             param.data[target[1]].copy_(w[target[2]])
             return [f"{target[0]}_{kind}"]
-        if module == "self_attn.o_proj":
-            if kind == "weight":
-                self.o_weight.data.copy_(w[:, q_rows])
-            else:
-                self.o_bias.data.copy_(w)
-            return [f"o_{kind}"]
+        row_parallel = {"self_attn.o_proj": ("o", q_rows), "mlp.down_proj": ("down", ch)}
+        if module in row_parallel:  # input columns per rank; the bias is whole
+            short, cols = row_parallel[module]
+            getattr(self, f"{short}_{kind}").data.copy_(w[:, cols] if kind == "weight" else w)
+            return [f"{short}_{kind}"]
         if module in ("mlp.gate_proj", "mlp.up_proj"):
             param = getattr(self, f"gate_up_{kind}")
             rows = self.gate_rows if module == "mlp.gate_proj" else self.up_rows
             param.data.index_copy_(0, rows, w[ch].to(param.dtype))
             return [f"gate_up_{kind}"]
-        if module == "mlp.down_proj":
-            if kind == "weight":
-                self.down_weight.data.copy_(w[:, ch])
-            else:
-                self.down_bias.data.copy_(w)
-            return [f"down_{kind}"]
         params = dict(self.named_parameters())
         name = name.removeprefix("self_attn.")  # q_norm / k_norm live on the layer
         if name in params:

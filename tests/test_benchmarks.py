@@ -1,0 +1,67 @@
+"""``benchmarks/run_all.sh --quick`` runs end to end (CI-sized shapes, no speed asserted).
+
+What is asserted is what does not depend on speed: every script writes its results, the
+elastic engine's greedy outputs equal stock vLLM's on every sliced budget (both weight
+packings), its weights take one copy of the model, and budget control thinks at the think
+budget then answers differently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ROOT / "benchmarks" / "results" / "quick"
+SCRIPTS = ("budgets", "mixed", "memory", "scaling", "budget_control", "profile")
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_quick_benchmarks_run_and_agree_with_stock():
+    shutil.rmtree(QUICK, ignore_errors=True)  # no stale results can pass
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "run_all.sh"), "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in SCRIPTS:
+        data = _load(QUICK / f"{name}.json")
+        assert data["meta"]["settings"]["quick"] is True
+        assert (QUICK / f"{name}.md").read_text().strip()
+    assert (QUICK / "budgets_ratio.png").stat().st_size > 0
+
+    for folder, packing in ((QUICK, "nested"), (QUICK / "per_budget", "per-budget")):
+        budgets = _load(folder / "budgets.json")
+        assert budgets["engines"]["elastic"]["weight_packing"]["down"] == packing
+        names = [r["budget"] for r in budgets["rows"]]
+        assert len(names) == 3
+        for row in budgets["rows"]:
+            assert row["same_outputs"] == 1.0, (packing, row["budget"])
+            assert row["throughput_ratio"] > 0
+        mixed = _load(folder / "mixed.json")
+        assert "+".join(names) in {r["mix"] for r in mixed["rows"]}
+
+    memory = _load(QUICK / "memory.json")["summary"]
+    assert memory["elastic_vs_full"] <= 1.01  # bytes, not speed: one copy of the weights
+    assert memory["per_budget_packing_vs_full"] > 1.5
+
+    control = _load(QUICK / "budget_control.json")["checks"]
+    for name, check in control.items():
+        assert check["thinking_identical_to_think_budget"], name
+        assert check["answer_differs_from_think_budget"], name
+
+    summary = (QUICK / "summary.md").read_text()
+    assert "per-budget packing" in summary
