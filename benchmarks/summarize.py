@@ -91,8 +91,13 @@ def scaling_rows(data: dict) -> list[tuple]:
     return out
 
 
+def serve_rows(data: dict) -> list[tuple]:
+    return budgets_rows(data, " served (vllm bench serve)")
+
+
 SECTIONS = {
     "budgets": budgets_rows,
+    "serve": serve_rows,
     "mixed": mixed_rows,
     "memory": memory_rows,
     "budget_control": control_rows,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "benchmarks" / "results" / "quick"
-SCRIPTS = ("budgets", "mixed", "memory", "scaling", "budget_control", "profile")
+SCRIPTS = ("budgets", "mixed", "memory", "scaling", "budget_control", "serve", "profile")
 
 
 def _load(path: Path) -> dict:

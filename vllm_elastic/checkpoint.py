@@ -98,10 +98,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"name": "full"},
             {
                 "name": "large",
-                "hidden_size": 896,
+                "hidden_size": 768,
                 "num_attention_heads": 12,
                 "num_key_value_heads": 3,
-                "intermediate_size": 3584,
+                "intermediate_size": 4032,
             },
             {
                 "name": "small",

