@@ -356,6 +356,7 @@ def main() -> None:
             sections[1],
             "## Switch checks",
             sections[2],
+            *(["## Reuse vs recompute", *sections[3:]] if len(sections) > 3 else []),
         ],
         [plot],
     )

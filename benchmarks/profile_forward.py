@@ -74,6 +74,21 @@ def projection_shapes(ckpt: c.Checkpoint, budget: str) -> dict[str, tuple[int, i
     }
 
 
+def elastic_points(ckpt: c.Checkpoint, name: str) -> list[tuple[int, int]]:
+    """Every budget's (N, K) of projection ``name`` as the elastic model stores it (qkv
+    rows hold the parent's full K/V for every budget)."""
+    info, hd = ckpt.info, ckpt.info["head_dim"]
+    pkv = info["num_key_value_heads"] * hd
+    points = []
+    for budget in ckpt.budgets:
+        n, k, _, _ = projection_shapes(ckpt, budget)[name]
+        if name == "qkv":
+            kv = ckpt.budget(budget)["num_key_value_heads"] * hd
+            n = n - 2 * kv + 2 * pkv
+        points.append((n, k))
+    return points
+
+
 def _max_inter(value: int | str) -> int:
     return int(str(value).split("-")[-1])
 
@@ -96,6 +111,8 @@ def gemm_check(ckpt: c.Checkpoint, budgets: list[str], batches: tuple[int, ...])
     import torch.nn.functional as F
     from vllm import _custom_ops as ops
 
+    from vllm_elastic.models.nested_linear import NestedLinear
+
     rows = []
     for b in budgets:
         for name, (n, k, pn, pk) in projection_shapes(ckpt, b).items():
@@ -103,8 +120,14 @@ def gemm_check(ckpt: c.Checkpoint, budgets: list[str], batches: tuple[int, ...])
             view = parent[:n, :k]
             dense = view.contiguous()
             handler = ops.create_onednn_mm(dense.t(), 32)
+            points = elastic_points(ckpt, name)
+            en = points[ckpt.budgets.index(b)][0]
+            nested = NestedLinear(points)
+            nested.pack(torch.randn(max(p[0] for p in points), pk), None, "nested")
+            runs = [(ckpt.budgets.index(b), 0)]
             for m in batches:
                 x = torch.randn(m, k)
+                runs = [(runs[0][0], m)]
                 reps = max(2, int(4e8 / (2 * m * n * k)))
                 probe = c.NoiseProbe()
                 rows.append(
@@ -117,6 +140,8 @@ def gemm_check(ckpt: c.Checkpoint, budgets: list[str], batches: tuple[int, ...])
                         "linear_ms": _time(F.linear, x, dense, reps=reps),
                         "linear_view_ms": _time(F.linear, x, view, reps=reps),
                         "onednn_ms": _time(ops.onednn_mm, handler, x, None, reps=reps),
+                        "elastic_N": en,
+                        "nested_ms": _time(nested, torch.randn(m, pk), runs, reps=reps),
                         "foreign_cores": probe.stop()["foreign_cores"],
                     }
                 )
@@ -146,6 +171,9 @@ def tables(prof: dict[str, Any], gemm: list[dict]) -> list[str]:
                 "F.linear on slice",
                 "vLLM oneDNN",
                 "F.linear / oneDNN",
+                "elastic N",
+                "nested shells (elastic)",
+                "nested / oneDNN",
                 "other procs' cores",
             ],
             [
@@ -159,6 +187,9 @@ def tables(prof: dict[str, Any], gemm: list[dict]) -> list[str]:
                     r["linear_view_ms"],
                     r["onednn_ms"],
                     round(r["linear_view_ms"] / r["onednn_ms"], 2),
+                    r["elastic_N"],
+                    r["nested_ms"],
+                    round(r["nested_ms"] / r["onednn_ms"], 2),
                     r["foreign_cores"],
                 )
                 for r in gemm
@@ -190,7 +221,10 @@ def main() -> None:
         f"Profiled batch: {work.num_prompts} prompts x {work.prompt_len} -> {work.max_tokens} "
         "tokens (prefill + decode), CPU self time per operator (the profiler itself slows "
         "the runs down). GEMM: one projection of one layer, M rows (1-64 = decode batch sizes, "
-        "2048 = prefill of 64 x 32), best of 5 blocks."
+        "2048 = prefill of 64 x 32), best of 5 blocks: F.linear on a contiguous slice and on "
+        "a view of the parent, vLLM's oneDNN GEMM on a prepacked slice (what stock runs), "
+        "and the elastic model's nested shells at this budget (its qkv N holds the parent's "
+        "full K/V: `elastic N`)."
     )
     c.write_results(
         settings,
