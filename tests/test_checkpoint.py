@@ -307,7 +307,7 @@ def test_budget_report_counts(ckpt: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("preset", "fractions"),
-    [("tiny", [1.0, 0.22]), ("small", [1.0, 0.53, 0.19]), ("bench", [1.0, 0.75, 0.40])],
+    [("tiny", [1.0, 0.22]), ("small", [1.0, 0.53, 0.19]), ("bench", [1.0, 0.71, 0.39])],
 )
 def test_preset_fractions(preset: str, fractions: list[float], tmp_path: Path) -> None:
     """Only the config is needed for the report, so the bench weights are not built."""
