@@ -22,22 +22,22 @@ from vllm.exceptions import VLLMValidationError
 
 from vllm_elastic.budgets import ElasticSpec
 from vllm_elastic.markers import resolve_markers
-from vllm_elastic.policy import POLICY_KEYS, ElasticPolicyError, Policy, resolve_policy
+from vllm_elastic.policy import (
+    POLICY_KEYS,
+    ElasticPolicyError,
+    Policy,
+    engine_section,
+    resolve_policy,
+)
 from vllm_elastic.usage import KEY_ANSWERING, KEY_END_IDS
 
 _MARK = "_vllm_elastic_hook"
 
 
-def engine_default_policy(vllm_config: Any) -> dict[str, Any]:
-    """The engine-wide default policy keys from ``additional_config["elastic"]``."""
-    section = (vllm_config.additional_config or {}).get("elastic", {}) or {}
-    return dict(section)
-
-
 def request_policy(vllm_config: Any, spec: ElasticSpec, params: SamplingParams) -> Policy:
     """Resolve a request's policy or raise VLLMValidationError (HTTP 400)."""
     try:
-        return resolve_policy(spec, params.extra_args, engine_default_policy(vllm_config))
+        return resolve_policy(spec, params.extra_args, engine_section(vllm_config))
     except ElasticPolicyError as e:
         raise VLLMValidationError(str(e), parameter="vllm_xargs") from e
 

@@ -27,7 +27,7 @@ from vllm.v1.sample.logits_processor import (
 from vllm_elastic.batch_state import NEVER, ElasticBatchState, register_state
 from vllm_elastic.log import get_logger
 from vllm_elastic.markers import ThinkMarkers, ends_with, last_occurrence, resolve_markers
-from vllm_elastic.policy import Policy, policy_from_extra_args
+from vllm_elastic.policy import Policy, engine_section, policy_from_extra_args
 
 logger = get_logger(__name__)
 
@@ -40,11 +40,6 @@ class _Row:
     answer_from: int
 
 
-def elastic_section(vllm_config: Any) -> dict[str, Any]:
-    """The engine-level ``additional_config["elastic"]`` (default policy, marker overrides)."""
-    return dict((vllm_config.additional_config or {}).get("elastic", {}) or {})
-
-
 class ElasticBudgetLogitsProcessor(LogitsProcessor):
     """Tracks per-row budgets and switches a row's budget at the end-of-thinking marker."""
 
@@ -55,7 +50,7 @@ class ElasticBudgetLogitsProcessor(LogitsProcessor):
             return
         self.spec = hf_config.elastic_spec
         self.index = {b.name: b.index for b in self.spec.budgets}
-        self.defaults = elastic_section(vllm_config)
+        self.defaults = engine_section(vllm_config)
         self.markers: ThinkMarkers | None = None
         self.vllm_config = vllm_config
         self.rows: dict[int, _Row] = {}

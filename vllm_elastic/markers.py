@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_elastic.policy import engine_section
+
 DEFAULT_THINK_START = "<think>"
 DEFAULT_THINK_END = "</think>"
 
@@ -82,12 +84,12 @@ def _from_section(section: dict[str, Any], which: str, model_config: Any) -> tup
 def resolve_markers(vllm_config: Any) -> ThinkMarkers:
     """The engine's thinking markers (see the module docstring for the order)."""
     model_config = vllm_config.model_config
-    engine_section = (vllm_config.additional_config or {}).get("elastic", {}) or {}
+    section = engine_section(vllm_config)
     ckpt_section = getattr(model_config.hf_config, "elastic", None) or {}
     reasoning = getattr(vllm_config, "reasoning_config", None)
     found: dict[str, tuple[int, ...]] = {}
     for which, default in (("start", DEFAULT_THINK_START), ("end", DEFAULT_THINK_END)):
-        ids = _from_section(engine_section, which, model_config)
+        ids = _from_section(section, which, model_config)
         if ids is None and reasoning is not None and getattr(reasoning, "enabled", False):
             attr = (
                 "natural_reasoning_end_token_ids"

@@ -33,15 +33,15 @@ class ElasticModelConfig:
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
-        from vllm_elastic.frontend import engine_default_policy
-        from vllm_elastic.policy import resolve_policy
+        from vllm_elastic.models.nested_linear import requested_packing
+        from vllm_elastic.policy import engine_section, resolve_policy
 
         model_config = vllm_config.model_config
         spec = model_config.hf_config.elastic_spec
         spec.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
         # Fail at start-up, not per request, on a bad server-wide default policy.
-        resolve_policy(spec, None, engine_default_policy(vllm_config))
-        check_weight_packing(vllm_config)
+        resolve_policy(spec, None, engine_section(vllm_config))
+        requested_packing(vllm_config)  # raises on an unknown weight_packing
         if model_config.model_impl == "transformers":
             raise ValueError(
                 "elastic checkpoints run only with vllm_elastic's model classes; "
@@ -65,19 +65,6 @@ class ElasticModelConfig:
             # Model Runner V2 rejects V1 logits processors, which track budgets per row.
             logger.info("vllm-elastic: selecting the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-
-
-def check_weight_packing(vllm_config: Any) -> None:
-    """Reject an unknown ``additional_config["elastic"]["weight_packing"]`` at start-up."""
-    from vllm_elastic.budgets import ElasticConfigError
-    from vllm_elastic.models.nested_linear import PACKINGS
-
-    section = (vllm_config.additional_config or {}).get("elastic", {}) or {}
-    packing = section.get("weight_packing", "auto")
-    if packing not in PACKINGS:
-        raise ElasticConfigError(
-            f"elastic.weight_packing: expected one of {', '.join(PACKINGS)}, got {packing!r}"
-        )
 
 
 def register() -> None:

@@ -28,6 +28,11 @@ POLICY_KEYS = (KEY_BUDGET, KEY_THINK, KEY_ANSWER, KEY_KV_MODE)
 KV_MODES = ("reuse", "recompute")
 
 
+def engine_section(vllm_config: Any) -> dict[str, Any]:
+    """The engine's ``additional_config["elastic"]`` (default policy, markers, packing)."""
+    return dict((vllm_config.additional_config or {}).get("elastic", {}) or {})
+
+
 class ElasticPolicyError(ValueError):
     """A request's (or the default) elastic policy is invalid."""
 

@@ -48,7 +48,7 @@ from vllm_elastic.layout import (
     q_rows_of_rank,
 )
 from vllm_elastic.log import get_logger
-from vllm_elastic.models.nested_linear import NestedLinear, resolve_packing
+from vllm_elastic.models.nested_linear import NestedLinear, requested_packing, resolve_packing
 
 Index = slice | torch.Tensor
 logger = get_logger(__name__)
@@ -152,6 +152,7 @@ class ElasticDecoderLayer(nn.Module):
         self.o = NestedLinear([None if c is None else (c.hidden, c.q_rows) for c in kept])
         self.gate_up = NestedLinear([None if c is None else (2 * c.inter, c.hidden) for c in kept])
         self.down = NestedLinear([None if c is None else (c.hidden, c.inter) for c in kept])
+        # row-parallel (o, down) biases go after the all-reduce, not into each rank's GEMM
         self.bias_after_reduce = self.tp_size > 1
 
     def _cut(self, b: Budget) -> _LayerCut:
@@ -211,7 +212,7 @@ class ElasticDecoderLayer(nn.Module):
         Packed projections drop their plain parameter (as vLLM's CPU linears do).
         Returns the packing each projection got.
         """
-        row_bias = self.tp_size == 1  # row-parallel biases are added after the all-reduce
+        row_bias = not self.bias_after_reduce
         used = {}
         for name, bias_in_gemm in (
             ("qkv", True),
@@ -225,7 +226,6 @@ class ElasticDecoderLayer(nn.Module):
             used[name] = nl.pack(weight.data, None if bias is None else bias.data, packing)
             if used[name] != "views":
                 weight.data = weight.data.new_empty(0)
-        self.bias_after_reduce = not row_bias
         return used
 
     # ----------------------------------------------------------------------- forward
@@ -296,24 +296,29 @@ class ElasticDecoderLayer(nn.Module):
     def _mlp_block(self, segs: list[_Segment], attn: list[torch.Tensor]) -> None:
         """o_proj, residual + norm, MLP for the segments that keep this layer."""
         runs = [(s.budget, s.rows) for s in segs]
-        o = self._reduce(self.o(_stack(attn), runs))
+        o = self._row_parallel_out(self.o(_stack(attn), runs), self.o_bias, segs)
         xs = []
-        for seg, part in zip(segs, _split(o, segs)):
-            h = self.cuts[seg.budget].hidden
-            part = part[:, :h]
-            if self.o_bias is not None and self.bias_after_reduce:
-                part = part + self.o_bias[:h]
+        for seg, part in zip(segs, o):
             x, seg.residual = self._norm(self.post_attention_layernorm.weight, part, seg.residual)
             xs.append(x)
-        gu = self.gate_up(_stack(xs), runs)
-        act = self._activation(gu, segs)
-        d = self._reduce(self.down(act, runs))
-        for seg, part in zip(segs, _split(d, segs)):
+        act = self._activation(self.gate_up(_stack(xs), runs), segs)
+        d = self._row_parallel_out(self.down(act, runs), self.down_bias, segs)
+        for seg, part in zip(segs, d):
+            seg.hidden = part.contiguous()
+
+    def _row_parallel_out(
+        self, y: torch.Tensor, bias: torch.Tensor | None, segs: list[_Segment]
+    ) -> list[torch.Tensor]:
+        """All-reduce a row-parallel output (o, down), split it per segment at the
+        segment's hidden width, and add the bias when it was not in the GEMM."""
+        parts = []
+        for seg, part in zip(segs, self._reduce(y).split([s.rows for s in segs])):
             h = self.cuts[seg.budget].hidden
             part = part[:, :h]
-            if self.down_bias is not None and self.bias_after_reduce:
-                part = part + self.down_bias[:h]
-            seg.hidden = part.contiguous()
+            if bias is not None and self.bias_after_reduce:
+                part = part + bias[:h]
+            parts.append(part)
+        return parts
 
     def _activation(self, gu: torch.Tensor, segs: list[_Segment]) -> torch.Tensor:
         """SiLU(gate) * up, band by band of the band-major gate_up output."""
@@ -347,11 +352,6 @@ def _stack(xs: list[torch.Tensor]) -> torch.Tensor:
         out[start : start + x.shape[0], : x.shape[1]] = x
         start += x.shape[0]
     return out
-
-
-def _split(x: torch.Tensor, segs: list[_Segment]) -> list[torch.Tensor]:
-    """The row blocks of ``x`` belonging to each segment, in order."""
-    return list(x.split([s.rows for s in segs]))
 
 
 def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -536,8 +536,7 @@ class ElasticForCausalLM(nn.Module):
     # ---------------------------------------------------------------- weight loading
     def process_weights_after_loading(self) -> None:
         """Pack every layer's projections (``additional_config["elastic"]["weight_packing"]``)."""
-        section = (self.vllm_config.additional_config or {}).get("elastic", {}) or {}
-        requested = section.get("weight_packing", "auto")
+        requested = requested_packing(self.vllm_config)
         packing = resolve_packing(requested, self.layers[0].qkv_weight.device)
         used: dict[str, str] = {}
         for layer in self.layers:

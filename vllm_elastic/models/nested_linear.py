@@ -26,9 +26,13 @@ level's width, and a row's values past its own level's width are undefined.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from vllm_elastic.budgets import ElasticConfigError
+from vllm_elastic.policy import engine_section
 
 PACKINGS = ("auto", "nested", "per-budget", "views")
 
@@ -42,10 +46,22 @@ def onednn_available() -> bool:
     return bool(getattr(ops, "_supports_onednn", False))
 
 
-def resolve_packing(packing: str, device: torch.device) -> str:
-    """The packing to use: ``auto`` is ``nested`` on CPU with oneDNN, else ``views``."""
+def requested_packing(vllm_config: Any) -> str:
+    """``additional_config["elastic"]["weight_packing"]`` (default ``auto``).
+
+    Raises ElasticConfigError when it is not one of ``PACKINGS``.
+    """
+    packing = engine_section(vllm_config).get("weight_packing", "auto")
     if packing not in PACKINGS:
-        raise ValueError(f"weight packing must be one of {PACKINGS}, got {packing!r}")
+        raise ElasticConfigError(
+            f"elastic.weight_packing: expected one of {', '.join(PACKINGS)}, got {packing!r}"
+        )
+    return packing
+
+
+def resolve_packing(packing: str, device: torch.device) -> str:
+    """The packing to use for one of ``PACKINGS``: ``auto`` is ``nested`` on CPU with
+    oneDNN, else ``views``; the oneDNN packings fall back to ``views`` without it."""
     cpu_onednn = device.type == "cpu" and onednn_available()
     if packing == "auto":
         return "nested" if cpu_onednn else "views"
@@ -60,15 +76,15 @@ class _Packed:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         import vllm._custom_ops as ops
 
-        self.n, self.k = weight.shape
+        self.n = weight.shape[0]
         self.handler = ops.create_onednn_mm(weight.t(), 32)
         self.bias = None if bias is None else bias.detach().clone()
         self.bytes = weight.numel() * weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(x.shape[0], self.n, dtype=x.dtype, device=x.device)
-        torch.ops._C.onednn_mm(out, x, self.bias, self.handler.handler_tensor)
-        return out
+        import vllm._custom_ops as ops
+
+        return ops.onednn_mm(self.handler, x, self.bias)
 
 
 class NestedLinear:
@@ -120,10 +136,6 @@ class NestedLinear:
         return sum(b.bytes for b in blocks if b is not None)
 
     # ------------------------------------------------------------------ forward
-    def width(self, budget: int) -> int:
-        """Output width of budget ``budget``."""
-        return self.levels[self.level_of[budget]][0]
-
     def __call__(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Apply to ``x`` whose rows are ``runs`` = ``[(budget, rows), ...]`` in order."""
         levels = [(self.level_of[b], m) for b, m in runs if m]
@@ -155,7 +167,7 @@ class NestedLinear:
         top = levels[0][0]
         rows = [sum(m for lv, m in levels if lv >= c) for c in range(top + 1)]
         bands = [(c, b) for c, b in enumerate(self._bands[: top + 1]) if b is not None]
-        if len(bands) == 1 and not any(self._strips[: top + 1]) and rows[0] == x.shape[0]:
+        if len(bands) == 1 and not any(self._strips[: top + 1]):  # one block: no assembly
             return bands[0][1](x[:, : self.levels[bands[0][0]][1]])
         out = x.new_empty(x.shape[0], self.levels[top][0])
         for c, band in bands:
