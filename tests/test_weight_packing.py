@@ -84,3 +84,22 @@ def test_unknown_packing_is_rejected_at_start(checkpoint):
             dtype="float32",
             additional_config={"elastic": {"weight_packing": "zip"}},
         )
+
+
+@pytest.mark.parametrize("packing", ["nested", "per-budget"])
+def test_mlp_windows_match_the_sliced_checkpoints(packing, reference, elastic_llm, prompts):
+    """Long prefills run the MLP ``MLP_WINDOW`` rows at a time; a window of 5 rows cuts
+    every budget's run (and the tests' 64-token steps) at odd places."""
+    from vllm_elastic.models import elastic
+
+    refs = {b: reference(CHAIN, b) for b in budget_names(CHAIN)}
+    llm = elastic_llm(CHAIN, additional_config={"elastic": {"weight_packing": packing}})
+    batch, extra, max_tokens, want = _mixed_batch(CHAIN, refs, prompts)
+    saved = elastic.MLP_WINDOW
+    elastic.MLP_WINDOW = 5  # the engine runs in this process (conftest)
+    try:
+        got = greedy(llm, batch, extra, max_tokens)
+    finally:
+        elastic.MLP_WINDOW = saved
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert_same_output(g, w, f"{packing} window request {k} ({extra[k]['elastic_budget']})")

@@ -48,9 +48,11 @@ from vllm_elastic.layout import (
     q_rows_of_rank,
 )
 from vllm_elastic.log import get_logger
+from vllm_elastic.models import scratch
 from vllm_elastic.models.nested_linear import NestedLinear, requested_packing, resolve_packing
 
 Index = slice | torch.Tensor
+MLP_WINDOW = 512  # rows per gate_up -> activation -> down pass (see ElasticDecoderLayer._mlp)
 logger = get_logger(__name__)
 
 
@@ -258,9 +260,9 @@ class ElasticDecoderLayer(nn.Module):
         if len(segments) == 1:
             k, v, q = qkv[:, :ks], qkv[:, ks : 2 * ks], qkv[:, 2 * ks :]
             if q.shape[1] != qs:
-                q = _pad_columns(q, qs)
+                q = _widen(q, qs)
         else:
-            q = qkv.new_zeros(num_tokens, qs)
+            q = scratch.buffer("attn.q", num_tokens, qs, qkv)
             k = qkv.new_empty(num_tokens, ks)
             v = qkv.new_empty(num_tokens, ks)
             start = 0
@@ -301,8 +303,7 @@ class ElasticDecoderLayer(nn.Module):
         for seg, part in zip(segs, o):
             x, seg.residual = self._norm(self.post_attention_layernorm.weight, part, seg.residual)
             xs.append(x)
-        act = self._activation(self.gate_up(_stack(xs), runs), segs)
-        d = self._row_parallel_out(self.down(act, runs), self.down_bias, segs)
+        d = self._row_parallel_out(self._mlp(_stack(xs), runs), self.down_bias, segs)
         for seg, part in zip(segs, d):
             seg.hidden = part.contiguous()
 
@@ -320,26 +321,72 @@ class ElasticDecoderLayer(nn.Module):
             parts.append(part)
         return parts
 
-    def _activation(self, gu: torch.Tensor, segs: list[_Segment]) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """``down(SiLU(gate) * up)`` of the stacked rows, ``MLP_WINDOW`` rows at a time.
+
+        Windows keep the wide gate_up output in cache between its GEMMs, the activation
+        and down (a long prefill otherwise streams it through memory several times).
+        """
+        if x.shape[0] <= MLP_WINDOW:
+            return self._mlp_window(x, runs)
+        out = None
+        for start, window in _windows(runs, MLP_WINDOW):
+            rows = sum(m for _, m in window)
+            y = self._mlp_window(x[start : start + rows], window)
+            if out is None:  # the first window holds the widest budget (runs descend)
+                out = y.new_empty(x.shape[0], y.shape[1])
+            out[start : start + rows, : y.shape[1]] = y
+        return out
+
+    def _mlp_window(self, x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+        blocks = self.gate_up.blocks(x, runs)
+        if blocks is not None:
+            act = scratch.buffer("mlp.act", x.shape[0], blocks[-1][2] // 2, x)
+            for rows, n0, n, y in blocks:  # band [n0/2, n/2) of the channels: gate | up
+                half = (n - n0) // 2
+                gate = F.silu(y[:, :half], inplace=True)
+                torch.mul(gate, y[:, half:], out=act[:rows, n0 // 2 : n // 2])
+            return self.down(act, runs)
+        gu = None
+        if self.gate_up.fills_out:
+            gu = scratch.buffer("mlp.gate_up", x.shape[0], self.gate_up.out_width(runs), x)
+        return self.down(self._activation(self.gate_up(x, runs, gu), runs), runs)
+
+    def _activation(self, gu: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
         """SiLU(gate) * up, band by band of the band-major gate_up output."""
-        if len(segs) == 1 and self.cuts[segs[0].budget].inter == self.inter_bounds[0]:
+        inters = [self.cuts[b].inter for b, _ in runs]
+        act = scratch.buffer("mlp.act", gu.shape[0], max(inters), gu)
+        if len(runs) == 1 and inters[0] == self.inter_bounds[0]:
             n = self.inter_bounds[0]
-            return F.silu(gu[:, :n]) * gu[:, n : 2 * n]
-        top = max(self.cuts[s.budget].inter for s in segs)
-        act = gu.new_empty(gu.shape[0], top)
+            return torch.mul(F.silu(gu[:, :n], inplace=True), gu[:, n : 2 * n], out=act)
         start = 0
-        for seg in segs:
-            rows = slice(start, start + seg.rows)
-            start += seg.rows
+        for (_, m), inter in zip(runs, inters):
+            rows = slice(start, start + m)
+            start += m
             a = 0
             for b in self.inter_bounds:
-                if b > self.cuts[seg.budget].inter:
+                if b > inter:
                     break
-                torch.mul(
-                    F.silu(gu[rows, a + a : a + b]), gu[rows, a + b : b + b], out=act[rows, a:b]
-                )
+                gate = F.silu(gu[rows, a + a : a + b], inplace=True)
+                torch.mul(gate, gu[rows, a + b : b + b], out=act[rows, a:b])
                 a = b
         return act
+
+
+def _windows(runs: list[tuple[int, int]], size: int) -> Iterable[tuple[int, list[tuple[int, int]]]]:
+    """Consecutive row windows of at most ``size`` rows: ``(first row, runs inside)``."""
+    start, window, filled = 0, [], 0
+    for budget, m in runs:
+        while m:
+            take = min(m, size - filled)
+            window.append((budget, take))
+            filled += take
+            m -= take
+            if filled == size:
+                yield start, window
+                start, window, filled = start + size, [], 0
+    if window:
+        yield start, window
 
 
 def _stack(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -354,9 +401,14 @@ def _stack(xs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
-    out = x.new_zeros(x.shape[0], width)
-    out[:, : x.shape[1]] = x
+def _widen(q: torch.Tensor, width: int) -> torch.Tensor:
+    """``q`` in the first columns of a ``width``-wide buffer (the parent's query heads).
+
+    The other columns hold finite leftovers: they are the query heads of KV groups the
+    budget drops, whose attention outputs are never read.
+    """
+    out = scratch.buffer("attn.q", q.shape[0], width, q)
+    out[:, : q.shape[1]] = q
     return out
 
 

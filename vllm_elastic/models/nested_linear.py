@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_elastic.budgets import ElasticConfigError
+from vllm_elastic.models import scratch
 from vllm_elastic.policy import engine_section
 
 PACKINGS = ("auto", "nested", "per-budget", "views")
@@ -81,10 +82,14 @@ class _Packed:
         self.bias = None if bias is None else bias.detach().clone()
         self.bytes = weight.numel() * weight.element_size()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)``; into ``out`` (contiguous ``[rows, n]``) when given."""
         import vllm._custom_ops as ops
 
-        return ops.onednn_mm(self.handler, x, self.bias)
+        if out is None:
+            return ops.onednn_mm(self.handler, x, self.bias)
+        torch.ops._C.onednn_mm(out, x, self.bias, self.handler.handler_tensor)
+        return out
 
 
 class NestedLinear:
@@ -136,47 +141,109 @@ class NestedLinear:
         return sum(b.bytes for b in blocks if b is not None)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Apply to ``x`` whose rows are ``runs`` = ``[(budget, rows), ...]`` in order."""
+    @property
+    def fills_out(self) -> bool:
+        """Whether calls write the ``out`` they are given (the oneDNN packings)."""
+        return self.packing != "views"
+
+    def out_width(self, runs: Sequence[tuple[int, int]]) -> int:
+        """Columns of the output for ``runs``: the widest level among them."""
+        return max(self.levels[self.level_of[b]][0] for b, m in runs if m)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        runs: Sequence[tuple[int, int]],
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Apply to ``x`` whose rows are ``runs`` = ``[(budget, rows), ...]`` in order.
+
+        ``out`` (contiguous ``[rows, out_width(runs)]``) is filled and returned by the
+        oneDNN packings; ``views`` returns a new tensor.
+        """
         levels = [(self.level_of[b], m) for b, m in runs if m]
         if len(levels) == 1:
-            return self._one_level(x, levels[0][0])
+            return self._one_level(x, levels[0][0], out)
         top = max(lv for lv, _ in levels)
         descending = all(a[0] >= b[0] for a, b in zip(levels, levels[1:]))
         if self.packing == "nested" and descending:
-            return self._nested(x, levels)
+            return self._nested(x, levels, out)
         out = x.new_empty(x.shape[0], self.levels[top][0])
         start = 0
         for lv, m in levels:
-            y = self._one_level(x[start : start + m], lv)
+            y = self._one_level(x[start : start + m], lv, None)
             out[start : start + m, : y.shape[1]] = y
             start += m
         return out
 
-    def _one_level(self, x: torch.Tensor, level: int) -> torch.Tensor:
+    def blocks(
+        self, x: torch.Tensor, runs: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, int, int, torch.Tensor]] | None:
+        """The output unassembled, as ``(rows, n0, n, y)``: ``y`` holds output columns
+        ``n0:n`` of the first ``rows`` rows (the rows whose level has them).
+
+        Saves the copy into one wide output when the consumer works band by band (the
+        MLP activation). ``y`` are scratch buffers, valid until the next call. Only for
+        ``nested`` packing and descending runs; None otherwise.
+        """
+        levels = [(self.level_of[b], m) for b, m in runs if m]
+        if self.packing != "nested" or any(a[0] < b[0] for a, b in zip(levels, levels[1:])):
+            return None
+        top = levels[0][0]
+        rows = [sum(m for lv, m in levels if lv >= c) for c in range(top + 1)]
+        out = []
+        n0 = 0
+        for c, band in enumerate(self._bands[: top + 1]):
+            if band is not None:
+                n, k = self.levels[c]
+                buf = scratch.buffer(f"nested.band{c}", rows[c], n - n0, x)
+                out.append((rows[c], n0, n, band(x[: rows[c], :k], buf)))
+                n0 = n
+        for c in range(1, top + 1):
+            strip = self._strips[c]
+            if strip is not None:
+                k0, k = self.levels[c - 1][1], self.levels[c][1]
+                part = strip(
+                    x[: rows[c], k0:k], scratch.buffer("nested.strip", rows[c], strip.n, x)
+                )
+                for _, b0, b1, y in out:
+                    if b1 <= strip.n:  # bands below level c: the strip's rows cover them
+                        y[: rows[c]] += part[:, b0:b1]
+        return out
+
+    def _one_level(self, x: torch.Tensor, level: int, out: torch.Tensor | None) -> torch.Tensor:
         n, k = self.levels[level]
         if self.packing == "views":
             bias = None if self.bias is None else self.bias[:n]
             return F.linear(x[:, :k], self.weight[:n, :k], bias)
         if self.packing == "per-budget":
-            return self._per_level[level](x[:, :k])
-        return self._nested(x, [(level, x.shape[0])])
+            return self._per_level[level](x[:, :k], out)
+        return self._nested(x, [(level, x.shape[0])], out)
 
-    def _nested(self, x: torch.Tensor, levels: list[tuple[int, int]]) -> torch.Tensor:
-        """Shell by shell; rows of level >= c are a prefix since levels descend."""
+    def _nested(
+        self, x: torch.Tensor, levels: list[tuple[int, int]], out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Shell by shell; rows of level >= c are a prefix since levels descend.
+
+        Each band and strip GEMM writes a reused scratch buffer that is copied / added
+        into ``out`` at once.
+        """
         top = levels[0][0]
         rows = [sum(m for lv, m in levels if lv >= c) for c in range(top + 1)]
         bands = [(c, b) for c, b in enumerate(self._bands[: top + 1]) if b is not None]
         if len(bands) == 1 and not any(self._strips[: top + 1]):  # one block: no assembly
-            return bands[0][1](x[:, : self.levels[bands[0][0]][1]])
-        out = x.new_empty(x.shape[0], self.levels[top][0])
+            return bands[0][1](x[:, : self.levels[bands[0][0]][1]], out)
+        if out is None:
+            out = x.new_empty(x.shape[0], self.levels[top][0])
         for c, band in bands:
             n0 = self.levels[c - 1][0] if c else 0
             n, k = self.levels[c]
-            out[: rows[c], n0:n] = band(x[: rows[c], :k])
+            part = band(x[: rows[c], :k], scratch.buffer("nested.band", rows[c], n - n0, x))
+            out[: rows[c], n0:n] = part
         for c in range(1, top + 1):
             strip = self._strips[c]
             if strip is not None:
                 k0, k = self.levels[c - 1][1], self.levels[c][1]
-                out[: rows[c], : strip.n] += strip(x[: rows[c], k0:k])
+                part = scratch.buffer("nested.strip", rows[c], strip.n, x)
+                out[: rows[c], : strip.n] += strip(x[: rows[c], k0:k], part)
         return out

@@ -1,0 +1,68 @@
+"""NestedLinear on its own: every packing and the unassembled band output agree with
+``x[:, :k] @ W[:n, :k].T`` per budget, for mixed runs in descending level order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_elastic.models.elastic import _windows
+from vllm_elastic.models.nested_linear import NestedLinear, onednn_available
+
+POINTS = [(96, 48), (64, 32), (160, 80), (64, 32)]  # budget -> (n, k); budget 3 = budget 1
+RUNS = [(2, 7), (0, 5), (1, 3), (3, 4)]  # descending levels: 2, 1, 0, 0
+
+
+def _reference(weight, bias, x, runs):
+    out, start = [], 0
+    for b, m in runs:
+        n, k = POINTS[b]
+        out.append((x[start : start + m, :k] @ weight[:n, :k].T + bias[:n], n))
+        start += m
+    return out
+
+
+def _linear(packing):
+    if packing != "views" and not onednn_available():
+        pytest.skip("vLLM built without oneDNN")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(160, 80), torch.randn(160)
+    nl = NestedLinear(POINTS)
+    assert nl.pack(weight, bias, packing) == packing
+    return nl, weight, bias, torch.randn(sum(m for _, m in RUNS), 80)
+
+
+@pytest.mark.parametrize("packing", ["nested", "per-budget", "views"])
+def test_each_run_gets_its_budgets_prefix(packing):
+    nl, weight, bias, x = _linear(packing)
+    y = nl(x, RUNS)
+    start = 0
+    for (want, n), (_, m) in zip(_reference(weight, bias, x, RUNS), RUNS):
+        torch.testing.assert_close(y[start : start + m, :n], want, rtol=1e-5, atol=1e-4)
+        start += m
+
+
+def test_blocks_are_the_output_unassembled():
+    nl, weight, bias, x = _linear("nested")
+    blocks = nl.blocks(x, RUNS)
+    assert [(rows, n0, n) for rows, n0, n, _ in blocks] == [(19, 0, 64), (12, 64, 96), (7, 96, 160)]
+    assembled = torch.full((x.shape[0], 160), float("nan"))
+    for rows, n0, n, y in blocks:
+        assembled[:rows, n0:n] = y
+    start = 0
+    for (want, n), (_, m) in zip(_reference(weight, bias, x, RUNS), RUNS):
+        torch.testing.assert_close(assembled[start : start + m, :n], want, rtol=1e-5, atol=1e-4)
+        start += m
+    assert nl.blocks(x, list(reversed(RUNS))) is None  # ascending: no prefix structure
+
+
+def test_windows_cover_the_runs_in_order():
+    runs = [(2, 7), (0, 5), (1, 3)]
+    windows = list(_windows(runs, 4))
+    assert windows == [
+        (0, [(2, 4)]),
+        (4, [(2, 3), (0, 1)]),
+        (8, [(0, 4)]),
+        (12, [(1, 3)]),
+    ]
+    assert list(_windows(runs, 100)) == [(0, runs)]

@@ -1,0 +1,32 @@
+"""Reusable CPU buffers for a forward's short-lived wide intermediates.
+
+A fresh multi-megabyte CPU tensor is served by new pages that fault on first touch;
+during a long prefill that costs as much as the copies that fill it. The elastic forward
+runs strictly one step after another in a process, so a named buffer can be reused by
+every layer for an intermediate that is dead before the name is asked for again (a
+nested projection's band and strip outputs, the MLP's gate_up output and activation).
+Other devices have caching allocators: there ``buffer`` just allocates (zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BUFFERS: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def buffer(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``[rows, cols]`` tensor of ``like``'s dtype and device.
+
+    On CPU it is a view of the buffer ``name`` (grown as needed, zero-filled when
+    grown): it holds whatever the last user of ``name`` left (always finite values) and
+    is overwritten by the next call with the same name.
+    """
+    if like.device.type != "cpu":
+        return like.new_zeros(rows, cols)
+    key = (name, like.dtype, like.device)
+    flat = _BUFFERS.get(key)
+    if flat is None or flat.numel() < rows * cols:
+        flat = like.new_zeros(rows * cols)
+        _BUFFERS[key] = flat
+    return flat[: rows * cols].view(rows, cols)
