@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm import ir
 from vllm.config import VllmConfig
 from vllm.distributed import (
     get_pp_group,
@@ -48,7 +47,7 @@ from vllm_elastic.layout import (
     q_rows_of_rank,
 )
 from vllm_elastic.log import get_logger
-from vllm_elastic.models import scratch
+from vllm_elastic.models import norm, scratch
 from vllm_elastic.models.nested_linear import NestedLinear, requested_packing, resolve_packing
 
 Index = slice | torch.Tensor
@@ -234,11 +233,10 @@ class ElasticDecoderLayer(nn.Module):
     def _norm(
         self, weight: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """vLLM's (fused add +) RMSNorm over the first ``x.shape[-1]`` channels."""
-        w = weight[: x.shape[-1]]
+        """(Fused add +) RMSNorm over the first ``x.shape[-1]`` channels."""
         if residual is None:
-            return ir.ops.rms_norm(x, w, self.eps), x
-        return ir.ops.fused_add_rms_norm(x.contiguous(), residual, w, self.eps)
+            return norm.rms_norm(x, weight, self.eps), x
+        return norm.fused_add_rms_norm(x, residual, weight, self.eps)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return tensor_model_parallel_all_reduce(x) if self.tp_size > 1 else x
@@ -547,10 +545,9 @@ class ElasticForCausalLM(nn.Module):
         return out
 
     def _final_norm(self, seg: _Segment) -> torch.Tensor:
-        w = self.norm.weight[: seg.hidden.shape[1]]
         if seg.residual is None:
-            return ir.ops.rms_norm(seg.hidden, w, self.eps)
-        return ir.ops.fused_add_rms_norm(seg.hidden, seg.residual, w, self.eps)[0]
+            return norm.rms_norm(seg.hidden, self.norm.weight, self.eps)
+        return norm.fused_add_rms_norm(seg.hidden, seg.residual, self.norm.weight, self.eps)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Logits per row at the row's budget width (hidden channels past it are zero)."""
