@@ -66,3 +66,17 @@ def test_windows_cover_the_runs_in_order():
         (12, [(1, 3)]),
     ]
     assert list(_windows(runs, 100)) == [(0, runs)]
+
+
+def test_scratch_buffers_made_in_inference_mode_do_not_leak_out():
+    """vLLM's forward runs under torch.inference_mode; a buffer made there may not be
+    written outside it, so the two modes get separate buffers."""
+    from vllm_elastic.models import scratch
+
+    like = torch.zeros(1)
+    with torch.inference_mode():
+        inside = scratch.buffer("test.mode", 2, 3, like)
+        inside.fill_(1.0)
+    outside = scratch.buffer("test.mode", 2, 3, like)
+    outside += 1.0  # would raise on an inference tensor
+    assert not outside.is_inference() and inside.is_inference()

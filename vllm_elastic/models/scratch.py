@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-_BUFFERS: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+_BUFFERS: dict[tuple[str, torch.dtype, torch.device, bool], torch.Tensor] = {}
 
 
 def buffer(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,9 @@ def buffer(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     """
     if like.device.type != "cpu":
         return like.new_zeros(rows, cols)
-    key = (name, like.dtype, like.device)
+    # a buffer made under torch.inference_mode (vLLM's forward) is an inference tensor,
+    # which may not be written outside it: one buffer per mode
+    key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
     flat = _BUFFERS.get(key)
     if flat is None or flat.numel() < rows * cols:
         flat = like.new_zeros(rows * cols)
