@@ -103,3 +103,12 @@ def test_mlp_windows_match_the_sliced_checkpoints(packing, reference, elastic_ll
         elastic.MLP_WINDOW = saved
     for k, (g, w) in enumerate(zip(got, want)):
         assert_same_output(g, w, f"{packing} window request {k} ({extra[k]['elastic_budget']})")
+
+
+def test_budgets_with_fewer_kv_heads_attend_over_their_own_heads(elastic_llm):
+    """On vLLM's CPU backend a one-budget batch reads only its KV groups of the cache
+    (``own_heads.py``; the exactness tests check its outputs)."""
+    from vllm_elastic.models import own_heads
+
+    llm = elastic_llm(CHAIN)
+    assert llm.apply_model(lambda model: own_heads.supported(model.layers[0].attn))[0]

@@ -47,7 +47,7 @@ from vllm_elastic.layout import (
     q_rows_of_rank,
 )
 from vllm_elastic.log import get_logger
-from vllm_elastic.models import norm, scratch
+from vllm_elastic.models import norm, own_heads, scratch
 from vllm_elastic.models.nested_linear import NestedLinear, requested_packing, resolve_packing
 
 Index = slice | torch.Tensor
@@ -255,9 +255,16 @@ class ElasticDecoderLayer(nn.Module):
                 stream = seg.hidden if seg.residual is None else seg.hidden + seg.residual
                 xs.append(self._norm(self.input_layernorm.weight, stream, None)[0])
         qkv = self.qkv(_stack(xs), [(s.budget, s.rows) for s in segments])
+        cut = self.cuts[segments[0].budget]
+        own = (  # one budget that reads fewer KV heads than it writes
+            len(segments) == 1
+            and cut.kept
+            and cut.kv_groups < self.n_kv
+            and own_heads.supported(self.attn)
+        )
         if len(segments) == 1:
             k, v, q = qkv[:, :ks], qkv[:, ks : 2 * ks], qkv[:, 2 * ks :]
-            if q.shape[1] != qs:
+            if q.shape[1] != qs and not own:
                 q = _widen(q, qs)
         else:
             q = scratch.buffer("attn.q", num_tokens, qs, qkv)
@@ -274,10 +281,12 @@ class ElasticDecoderLayer(nn.Module):
                     _put(q[:, :rows], seg.idx, part[:, 2 * ks : 2 * ks + rows])
 
         if self.q_norm is not None:
-            q = self.q_norm(q.reshape(num_tokens, self.n_q, self.head_dim)).view(num_tokens, qs)
+            q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
             k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v)
+        out = own_heads.attend(self.attn, q, k, v, cut.kv_groups) if own else None
+        if out is None:
+            out = self.attn(_widen(q, qs) if q.shape[1] != qs else q, k, v)
 
         kept = [s for s in segments if self.cuts[s.budget].kept]
         if kept:

@@ -1,0 +1,113 @@
+"""Attention over a budget's own heads on vLLM's CPU backend.
+
+Every token writes K/V for all the parent's KV heads (a larger budget may attend to them
+after an in-flight switch), but a budget that keeps ``g`` of the KV groups only reads
+those: its query heads are the first ``g * G`` and its KV heads the first ``g``. vLLM's
+CPU attention kernel takes the cache as strided views, so a batch whose tokens share one
+budget can attend over the first ``g`` KV heads of the cache directly, with scheduler
+metadata built for ``g * G`` / ``g`` heads, instead of over all the parent's heads.
+Other backends, quantized caches, sinks, ALiBi and profile runs use vLLM's path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# scheduler metadata per (query heads, KV heads) of the current forward's attention
+# metadata, which is held here so that it is compared by identity, never by a reused id
+_CACHE: dict[str, Any] = {"meta": None, "by_heads": {}}
+
+
+def supported(attn: Any) -> bool:
+    """Whether ``attend`` can serve this vLLM attention layer (CPU backend, plain cache)."""
+    impl = attn.impl
+    return (
+        type(impl).__name__ == "CPUAttentionBackendImpl"
+        and not attn.attn_backend.forward_includes_kv_cache_update
+        and attn.kv_sharing_target_layer_name is None
+        and impl.kv_cache_dtype == "auto"
+        and impl.alibi_slopes is None
+        and impl.sinks is None
+        and not getattr(impl, "use_zentorch_sdpa", False)
+        and hasattr(attn, "isa")
+    )
+
+
+def _scheduler_metadata(
+    meta: Any, attn: Any, heads: int, kv_heads: int, dtype: torch.dtype
+) -> torch.Tensor:
+    import vllm.envs as envs
+    from vllm import _custom_ops as ops
+
+    if _CACHE["meta"] is not meta:  # a new forward: the old entries are dead
+        _CACHE["meta"], _CACHE["by_heads"] = meta, {}
+    md = _CACHE["by_heads"].get((heads, kv_heads))
+    if md is None:
+        md = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=meta.seq_lens.shape[0],
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=attn.impl.head_size,
+            seq_lens=meta.seq_lens,
+            dtype=dtype,
+            query_start_loc=meta.query_start_loc,
+            causal=meta.causal,
+            sliding_window_size=attn.impl.sliding_window,
+            isa=attn.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            dynamic_causal=meta.dynamic_causal,
+        )
+        _CACHE["by_heads"][(heads, kv_heads)] = md
+    return md
+
+
+def attend(
+    attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_groups: int
+) -> torch.Tensor | None:
+    """Attention of the budget's own heads for tokens that keep ``kv_groups`` KV groups.
+
+    ``q`` holds those groups' query heads (``kv_groups * G * head_dim`` columns), ``k`` /
+    ``v`` every KV head: all of them are written to the cache, the first ``kv_groups`` are
+    read. Returns ``[tokens, kv_groups * G * head_dim]``, or None when vLLM's path must run
+    (no attention metadata, e.g. a profile run). Call only when ``supported(attn)``.
+    """
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.attention.attention import (
+        get_attention_context,
+        unified_kv_cache_update,
+    )
+
+    meta, layer, kv_cache, _ = get_attention_context(attn.layer_name)
+    if meta is None or getattr(meta, "encoder_cache", None) is not None:
+        return None
+    impl = attn.impl
+    hd, n_kv = impl.head_size, impl.num_kv_heads
+    heads = q.shape[1] // hd
+    unified_kv_cache_update(k.view(-1, n_kv, hd), v.view(-1, n_kv, hd), attn.layer_name)
+    n = meta.num_actual_tokens
+    blocks, _, block_size, _ = kv_cache.size()
+    key_cache, value_cache = kv_cache.view(blocks, n_kv, block_size * 2, -1).chunk(2, dim=2)
+    out = q.new_empty(q.shape[0], heads * hd)
+    ops.cpu_attention_with_kv_cache(
+        query=q[:n].reshape(n, heads, hd),
+        key_cache=key_cache[:, :kv_groups],
+        value_cache=value_cache[:, :kv_groups],
+        output=out[:n].view(n, heads, hd),
+        query_start_loc=meta.query_start_loc,
+        seq_lens=meta.seq_lens,
+        scale=impl.scale,
+        causal=meta.causal,
+        alibi_slopes=None,
+        sliding_window=impl.sliding_window,
+        block_table=meta.block_table,
+        softcap=impl.logits_soft_cap,
+        scheduler_metadata=_scheduler_metadata(meta, layer, heads, kv_groups, q.dtype),
+        s_aux=None,
+        dynamic_causal=meta.dynamic_causal,
+        k_scale=layer._k_scale_float,
+        v_scale=layer._v_scale_float,
+        kv_cache_dtype=impl.kv_cache_dtype,
+    )
+    return out
