@@ -3,11 +3,13 @@
 Every forward groups the batch's tokens by budget once (``_plan``). Each group runs the
 layer stack on views of the parent weights sliced to its budget (hidden channels, heads,
 MLP channels, kept layers); a batch whose tokens share one budget runs with no gather.
-Attention runs once per layer for the whole batch at the parent's head count, so K/V are
-written at full width at every budget (a skipped layer still writes K/V computed from
-the residual stream it passes through): the answer phase can attend to thinking K/V.
-Query heads a budget drops are zero (kept groups' extra heads are masked after
-attention), so a budget's kept heads see exactly the sliced model's attention.
+Attention runs once per layer for the whole batch, and K/V are written at full width at
+every budget (a skipped layer still writes K/V computed from the residual stream it
+passes through): the answer phase can attend to thinking K/V. A mixed batch attends at
+the parent's head count and discards the heads a budget drops (kept groups' extra heads
+are masked after attention); a batch of one budget on vLLM's CPU backend attends over
+its own heads only (``own_heads.py``). Either way a budget's kept heads see exactly the
+sliced model's attention.
 """
 
 from __future__ import annotations
