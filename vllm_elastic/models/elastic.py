@@ -266,7 +266,7 @@ class ElasticDecoderLayer(nn.Module):
         )
         if len(segments) == 1:
             k, v, q = qkv[:, :ks], qkv[:, ks : 2 * ks], qkv[:, 2 * ks :]
-            if q.shape[1] != qs and not own:
+            if q.shape[1] != qs and not own:  # a skipped layer has no q columns at all
                 q = _widen(q, qs)
         else:
             q = scratch.buffer("attn.q", num_tokens, qs, qkv)
@@ -352,9 +352,7 @@ class ElasticDecoderLayer(nn.Module):
         if blocks is not None:
             act = scratch.buffer("mlp.act", x.shape[0], blocks[-1][2] // 2, x)
             for rows, n0, n, y in blocks:  # band [n0/2, n/2) of the channels: gate | up
-                half = (n - n0) // 2
-                gate = F.silu(y[:, :half], inplace=True)
-                torch.mul(gate, y[:, half:], out=act[:rows, n0 // 2 : n // 2])
+                _silu_mul(y, act[:rows, n0 // 2 : n // 2])
             return self.down(act, runs)
         gu = None
         if self.gate_up.fills_out:
@@ -367,7 +365,7 @@ class ElasticDecoderLayer(nn.Module):
         act = scratch.buffer("mlp.act", gu.shape[0], max(inters), gu)
         if len(runs) == 1 and inters[0] == self.inter_bounds[0]:
             n = self.inter_bounds[0]
-            return torch.mul(F.silu(gu[:, :n], inplace=True), gu[:, n : 2 * n], out=act)
+            return _silu_mul(gu[:, : 2 * n], act)
         start = 0
         for (_, m), inter in zip(runs, inters):
             rows = slice(start, start + m)
@@ -376,10 +374,15 @@ class ElasticDecoderLayer(nn.Module):
             for b in self.inter_bounds:
                 if b > inter:
                     break
-                gate = F.silu(gu[rows, a + a : a + b], inplace=True)
-                torch.mul(gate, gu[rows, a + b : b + b], out=act[rows, a:b])
+                _silu_mul(gu[rows, a + a : b + b], act[rows, a:b])
                 a = b
         return act
+
+
+def _silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = SiLU(gate) * up`` of one band ``[gate | up]``; SiLU runs in place on it."""
+    half = gate_up.shape[1] // 2
+    return torch.mul(F.silu(gate_up[:, :half], inplace=True), gate_up[:, half:], out=out)
 
 
 def _windows(runs: list[tuple[int, int]], size: int) -> Iterable[tuple[int, list[tuple[int, int]]]]:

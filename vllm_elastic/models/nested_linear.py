@@ -189,6 +189,13 @@ class NestedLinear:
         levels = [(self.level_of[b], m) for b, m in runs if m]
         if self.packing != "nested" or any(a[0] < b[0] for a, b in zip(levels, levels[1:])):
             return None
+        return self._shells(x, levels)
+
+    def _shells(
+        self, x: torch.Tensor, levels: list[tuple[int, int]]
+    ) -> list[tuple[int, int, int, torch.Tensor]]:
+        """Band by band (see ``blocks``), each strip added into the bands it covers; rows
+        of level >= c are a prefix since ``levels`` descend."""
         top = levels[0][0]
         rows = [sum(m for lv, m in levels if lv >= c) for c in range(top + 1)]
         out = []
@@ -223,27 +230,14 @@ class NestedLinear:
     def _nested(
         self, x: torch.Tensor, levels: list[tuple[int, int]], out: torch.Tensor | None
     ) -> torch.Tensor:
-        """Shell by shell; rows of level >= c are a prefix since levels descend.
-
-        Each band and strip GEMM writes a reused scratch buffer that is copied / added
-        into ``out`` at once.
-        """
+        """The shells (``_shells``) copied into one output; a single block is written
+        straight into ``out``."""
         top = levels[0][0]
-        rows = [sum(m for lv, m in levels if lv >= c) for c in range(top + 1)]
         bands = [(c, b) for c, b in enumerate(self._bands[: top + 1]) if b is not None]
         if len(bands) == 1 and not any(self._strips[: top + 1]):  # one block: no assembly
             return bands[0][1](x[:, : self.levels[bands[0][0]][1]], out)
         if out is None:
             out = x.new_empty(x.shape[0], self.levels[top][0])
-        for c, band in bands:
-            n0 = self.levels[c - 1][0] if c else 0
-            n, k = self.levels[c]
-            part = band(x[: rows[c], :k], scratch.buffer("nested.band", rows[c], n - n0, x))
-            out[: rows[c], n0:n] = part
-        for c in range(1, top + 1):
-            strip = self._strips[c]
-            if strip is not None:
-                k0, k = self.levels[c - 1][1], self.levels[c][1]
-                part = scratch.buffer("nested.strip", rows[c], strip.n, x)
-                out[: rows[c], : strip.n] += strip(x[: rows[c], k0:k], part)
+        for rows, n0, n, y in self._shells(x, levels):
+            out[:rows, n0:n] = y
         return out
