@@ -248,12 +248,11 @@ class Checkpoint:
 
 def _source_hash() -> str:
     """Hash of the code that writes checkpoints: a change invalidates the cache."""
-    import vllm_elastic.checkpoint as ckpt_mod
-    import vllm_elastic.tokenizer as tok_mod
+    import vllm_elastic.checkpoint as ckpt_pkg
 
     digest = hashlib.sha256()
-    for mod in (ckpt_mod, tok_mod):
-        digest.update(Path(mod.__file__).read_bytes())
+    for path in sorted(Path(ckpt_pkg.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from vllm_elastic.demo import ensure_model
-from vllm_elastic.usage import elastic_usage, merge_usages
+from vllm_elastic.cli.demo import ensure_model
+from vllm_elastic.control.usage import elastic_usage, merge_usages
 
 
 def main() -> None:

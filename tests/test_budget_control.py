@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ENGINE_KWARGS, EnginePool, generate_greedy
+from conftest import ENGINE_KWARGS, EnginePool, budget_names, generate_greedy
 
 NAME = "llama_bias"
 THINK, ANSWER = "tiny", "full"
@@ -123,7 +123,7 @@ def test_switch_position_and_mixed_policies_in_one_batch(
 def test_answer_budget_starts_at_the_marker(switch_llm, think_prompts, monkeypatch):
     """White-box: every token fed at or after the marker's position ran at the answer
     budget, every earlier token at the thinking budget."""
-    from vllm_elastic.batch_state import ElasticBatchState
+    from vllm_elastic.control.batch_state import ElasticBatchState
 
     seen: list[tuple[np.ndarray, np.ndarray]] = []
     real = ElasticBatchState.token_budgets
@@ -141,23 +141,39 @@ def test_answer_budget_starts_at_the_marker(switch_llm, think_prompts, monkeypat
     for pos, budgets in seen:
         by_pos.update(zip(pos.tolist(), budgets.tolist()))
     assert sorted(by_pos) == list(range(len(prompt) + 11))
-    think_idx, answer_idx = 3, 0  # order of the budgets in the checkpoint config
+    names = budget_names(NAME)
+    think_idx, answer_idx = names.index(THINK), names.index(ANSWER)
     for pos, b in by_pos.items():
         assert b == (answer_idx if pos >= marker_pos else think_idx), (pos, b)
 
 
-def test_prompt_that_closed_thinking_answers_from_the_start(
-    switch_llm, reference, prompts, markers, sliced, engines
+def test_recompute_prompt_that_closed_thinking_answers_from_the_start(
+    switch_llm, prompts, markers, sliced, engines
 ):
-    """A prompt containing <think> ... </think> skips thinking: the whole request runs
-    at the answer budget (checked against stock vLLM on the large sliced checkpoint)."""
+    """recompute: a prompt containing <think> ... </think> runs at the answer budget from
+    its first token (checked against stock vLLM on the large sliced checkpoint)."""
     start, end = markers
     prompt = prompts[1] + [start, 40, 41, end]
     stock = engines.get(("stock-answer-plain", ANSWER), sliced(NAME, ANSWER))
     want = run(stock, [prompt], [None], [None], 10)[0]
-    for mode in ("reuse", "recompute"):
-        got = run(switch_llm(), [prompt], [{**POLICY, "elastic_kv_mode": mode}], [None], 10)
-        assert got[0] == want, f"{mode}: prompt with a closed thinking phase"
+    got = run(switch_llm(), [prompt], [{**POLICY, "elastic_kv_mode": "recompute"}], [None], 10)
+    assert got[0] == want, "recompute: prompt with a closed thinking phase"
+
+
+def test_reuse_resent_transcript_is_computed_as_when_it_was_generated(
+    switch_llm, think_prompts, markers
+):
+    """reuse: a prompt that carries a closed thinking phase (a transcript sent back, as
+    in multi-turn chat) is computed by the same causal schedule as the request that
+    generated it: thinking at the think budget, the marker and the answer at the answer
+    budget. So continuing the transcript gives exactly the original's next tokens."""
+    llm = switch_llm()
+    for i, (prompt, t) in enumerate(cases(think_prompts)):
+        first = run(llm, [prompt], [POLICY], [t], 20)[0]
+        assert first[t] == markers[1], "thinking_token_budget did not force </think>"
+        cut = t + 1 + 3  # the trace, the marker and three answer tokens
+        again = run(llm, [prompt + first[:cut]], [POLICY], [None], 20 - cut)[0]
+        assert again == first[cut:], f"prompt {i}: the resent transcript continued differently"
 
 
 def test_preemption_and_resume_keep_outputs(switch_llm, think_prompts):
@@ -258,9 +274,10 @@ def test_rows_refilled_after_a_recompute_keep_their_own_thinking_state(
 
 def test_switch_is_detected_from_fed_input_ids_alone(switch_llm, think_prompts, monkeypatch):
     """Under async scheduling (vLLM's GPU default) the logits processor sees a -1
-    placeholder where the marker is; the model then confirms the switch from the input
-    ids it is fed. With list-based detection disabled, outputs must not change."""
-    from vllm_elastic.logits_processor import ElasticBudgetLogitsProcessor
+    placeholder where the last sampled token is; the model then confirms the switch from
+    the input ids it is fed. With the last sampled id hidden from the processor, outputs
+    must not change."""
+    from vllm_elastic.control.logits_processor import ElasticBudgetLogitsProcessor
 
     todo = cases(think_prompts)
     extra = [{**POLICY, "elastic_kv_mode": m} for m in ("reuse", "recompute")] * 2
@@ -268,5 +285,23 @@ def test_switch_is_detected_from_fed_input_ids_alone(switch_llm, think_prompts, 
     thinks = [t for _, t in todo]
     llm = switch_llm()
     want = run(llm, prompts_, extra, thinks, 20)
-    monkeypatch.setattr(ElasticBudgetLogitsProcessor, "_detect_switches", lambda self: None)
+    confirmed = []
+    state = llm.apply_model(lambda model: model._batch_state())[0]
+    real_confirm = state.on_fed
+    processor = real_confirm.__self__
+
+    def last_id_hidden(self):
+        for row, r in self.rows.items():
+            if r.watching:
+                self._scan(row, r, [*r.output[:-1], -1] if r.output else [])
+
+    def confirm(rows, fed, positions):
+        known = processor.rows
+        before = {row: len(known[row].tokens) for row in rows.tolist() if row in known}
+        real_confirm(rows, fed, positions)
+        confirmed.extend(len(known[r].tokens) > n for r, n in before.items())
+
+    monkeypatch.setattr(ElasticBudgetLogitsProcessor, "_scan_outputs", last_id_hidden)
+    monkeypatch.setattr(state, "on_fed", confirm)
     assert run(llm, prompts_, extra, thinks, 20) == want
+    assert any(confirmed), "no fed token was confirmed from the input ids"

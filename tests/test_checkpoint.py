@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_elastic.budgets import ElasticConfigError, spec_from_hf_config
 from vllm_elastic.checkpoint import (
     PRESETS,
     UnknownBudgetError,
@@ -26,8 +25,9 @@ from vllm_elastic.checkpoint import (
     load_state_dict,
     slice_checkpoint,
 )
-from vllm_elastic.cli import main, parse_budget_spec
-from vllm_elastic.tokenizer import THINK_START
+from vllm_elastic.checkpoint.tokenizer import THINK_START
+from vllm_elastic.cli.main import main, parse_budget_spec
+from vllm_elastic.spec.budgets import ElasticConfigError, spec_from_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -311,7 +311,7 @@ def test_budget_report_counts(ckpt: Path, tmp_path: Path) -> None:
 )
 def test_preset_fractions(preset: str, fractions: list[float], tmp_path: Path) -> None:
     """Only the config is needed for the report, so the bench weights are not built."""
-    from vllm_elastic.config import FAMILIES
+    from vllm_elastic.spec.hf_configs import FAMILIES
 
     kwargs = PRESETS[preset]
     cls = FAMILIES[f"elastic_{kwargs['family']}"][0]

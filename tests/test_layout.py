@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_elastic.budgets import ElasticConfigError, ParentShape, parse_elastic_spec
-from vllm_elastic.layout import (
+from vllm_elastic.spec.budgets import ElasticConfigError, ParentShape, parse_elastic_spec
+from vllm_elastic.spec.layout import (
     channels_of_rank,
     kv_heads_of_rank,
     kv_rows_of_rank,

@@ -88,27 +88,33 @@ def test_unknown_packing_is_rejected_at_start(checkpoint):
 
 @pytest.mark.parametrize("packing", ["nested", "per-budget"])
 def test_mlp_windows_match_the_sliced_checkpoints(packing, reference, elastic_llm, prompts):
-    """Long prefills run the MLP ``MLP_WINDOW`` rows at a time; a window of 5 rows cuts
+    """Long prefills run the MLP ``mlp_window`` rows at a time; a window of 5 rows cuts
     every budget's run (and the tests' 64-token steps) at odd places."""
-    from vllm_elastic.models import elastic
-
     refs = {b: reference(CHAIN, b) for b in budget_names(CHAIN)}
-    llm = elastic_llm(CHAIN, additional_config={"elastic": {"weight_packing": packing}})
+    options = {"weight_packing": packing, "mlp_window": 5}
+    llm = elastic_llm(CHAIN, additional_config={"elastic": options})
+    assert llm.apply_model(lambda model: model.layers[0].mlp_window)[0] == 5
     batch, extra, max_tokens, want = _mixed_batch(CHAIN, refs, prompts)
-    saved = elastic.MLP_WINDOW
-    elastic.MLP_WINDOW = 5  # the engine runs in this process (conftest)
-    try:
-        got = greedy(llm, batch, extra, max_tokens)
-    finally:
-        elastic.MLP_WINDOW = saved
+    got = greedy(llm, batch, extra, max_tokens)
     for k, (g, w) in enumerate(zip(got, want)):
         assert_same_output(g, w, f"{packing} window request {k} ({extra[k]['elastic_budget']})")
 
 
-def test_budgets_with_fewer_kv_heads_attend_over_their_own_heads(elastic_llm):
-    """On vLLM's CPU backend a one-budget batch reads only its KV groups of the cache
-    (``own_heads.py``; the exactness tests check its outputs)."""
-    from vllm_elastic.models import own_heads
+def test_budgets_with_fewer_kv_heads_attend_over_their_own_heads(elastic_llm, prompts, monkeypatch):
+    """On vLLM's CPU backend a one-budget batch that keeps fewer KV groups reads only its
+    KV groups of the cache (``compat/cpu_attention.py``; the exactness tests check its
+    outputs): the own-heads kernel call runs and returns the attention output."""
+    from vllm_elastic.compat import cpu_attention
 
+    calls = []
+    real = cpu_attention.attend
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_attention, "attend", spy)
     llm = elastic_llm(CHAIN)
-    assert llm.apply_model(lambda model: own_heads.supported(model.layers[0].attn))[0]
+    greedy(llm, prompts[:2], [{"elastic_budget": "small"}] * 2, 3)
+    assert calls and all(calls), calls

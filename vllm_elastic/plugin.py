@@ -1,47 +1,49 @@
 """The ``vllm.general_plugins`` entry point: registers the elastic architectures.
 
 vLLM calls ``register()`` in every process it starts (frontend, engine core, workers),
-possibly more than once, so everything here is idempotent.
+possibly more than once, so everything here is idempotent. Nothing it installs changes
+how vLLM serves any other model: the budget logits processor, the scheduler hook and
+the frontend hooks are attached from the elastic architectures' config hook, for
+elastic models only.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
-from vllm_elastic.config import FAMILIES
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from vllm_elastic import compat
+from vllm_elastic.control.logits_processor import FQCN as LOGITS_PROCESSOR
+from vllm_elastic.control.scheduler import FQCN as SCHEDULER
 from vllm_elastic.log import get_logger
+from vllm_elastic.spec.hf_configs import FAMILIES
 
 logger = get_logger(__name__)
 
 MODEL_MODULE = "vllm_elastic.models.elastic"
-# Loaded in an OpenAI API-server process by the time vLLM loads plugins there.
-SERVER_MODULES = (
-    "vllm.entrypoints.cli.serve",
-    "vllm.entrypoints.launchers.api_server",
-    "vllm.entrypoints.openai.api_server",
-)
 
 
-class ElasticModelConfig:
-    """vLLM per-architecture config hook (``MODELS_CONFIG_MAP``) for elastic models."""
+def _scheduler_qualname(cls: Any) -> str:
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
 
-    @staticmethod
-    def verify_and_update_model_config(model_config: Any) -> None:
-        return
+
+class ElasticModelConfig(VerifyAndUpdateConfig):
+    """vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``) for elastic models."""
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
-        from vllm_elastic.models.nested_linear import requested_packing
-        from vllm_elastic.policy import engine_section, resolve_policy
+        from vllm_elastic.compat.runner import check_v1_runner
+        from vllm_elastic.control.policy import resolve_policy
+        from vllm_elastic.spec.engine_options import engine_options, raw_section
 
+        compat.check_supported()
         model_config = vllm_config.model_config
         spec = model_config.hf_config.elastic_spec
         spec.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
-        # Fail at start-up, not per request, on a bad server-wide default policy.
-        resolve_policy(spec, None, engine_section(vllm_config))
-        requested_packing(vllm_config)  # raises on an unknown weight_packing
+        options = engine_options(vllm_config)  # unknown keys or bad values fail here
+        # Fail at start-up, not per request, on a bad engine-wide default policy.
+        resolve_policy(spec, None, options.policy)
         if model_config.model_impl == "transformers":
             raise ValueError(
                 "elastic checkpoints run only with vllm_elastic's model classes; "
@@ -57,14 +59,27 @@ class ElasticModelConfig:
             # graphs and torch.compile would freeze one routing.
             logger.info("vllm-elastic: forcing enforce_eager=True (per-forward budget routing)")
             model_config.enforce_eager = True
+        # the budget tracker, for this model only (a new list: vLLM shares the old one)
+        processors = list(model_config.logits_processors or ())
+        if LOGITS_PROCESSOR not in processors:
+            model_config.logits_processors = [*processors, LOGITS_PROCESSOR]
+        # the recompute hook, over vLLM's scheduler or the user's own
         scheduler_config = vllm_config.scheduler_config
-        if scheduler_config.scheduler_cls is None:
-            # preempts `elastic_kv_mode: recompute` requests at the switch (scheduler.py)
-            scheduler_config.scheduler_cls = "vllm_elastic.scheduler.ElasticScheduler"
-        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
-            # Model Runner V2 rejects V1 logits processors, which track budgets per row.
-            logger.info("vllm-elastic: selecting the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
-            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        user = scheduler_config.scheduler_cls
+        if user is not None and _scheduler_qualname(user) != SCHEDULER:
+            logger.info(
+                "vllm-elastic: wrapping scheduler %s with the recompute hook",
+                _scheduler_qualname(user),
+            )
+            section = raw_section(vllm_config)
+            section["base_scheduler_cls"] = _scheduler_qualname(user)
+            vllm_config.additional_config = {
+                **(vllm_config.additional_config or {}),
+                "elastic": section,
+            }
+        scheduler_config.scheduler_cls = SCHEDULER
+        check_v1_runner(vllm_config)
+        compat.install_frontend_hooks()
 
 
 def register() -> None:
@@ -73,17 +88,16 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from vllm_elastic.frontend import install_frontend_hook
-    from vllm_elastic.usage import install_output_hook, install_server_hooks
-    from vllm_elastic.vllm_fixes import fix_thinking_budget_moves
-
     for model_type, (config_cls, arch, _, _) in FAMILIES.items():
         AutoConfig.register(model_type, config_cls, exist_ok=True)
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"{MODEL_MODULE}:{arch}")
         MODELS_CONFIG_MAP[arch] = ElasticModelConfig
-    install_frontend_hook()
-    install_output_hook()
-    fix_thinking_budget_moves()
-    if any(m in sys.modules for m in SERVER_MODULES):
-        install_server_hooks()
+    if not compat.supported():
+        logger.warning(
+            "vllm-elastic: vLLM %s is not a supported version (%s); elastic models will "
+            "be refused, other models are unaffected",
+            compat.vllm_version(),
+            ", ".join(compat.SUPPORTED_VLLM),
+        )
+    compat.install_process_hooks()

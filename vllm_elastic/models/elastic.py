@@ -28,7 +28,6 @@ from vllm.distributed import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
 )
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -40,20 +39,25 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from vllm_elastic.batch_state import ElasticBatchState, lookup_state
-from vllm_elastic.budgets import Budget, ElasticSpec
-from vllm_elastic.layout import (
+from vllm_elastic.compat import cpu_attention as own_heads
+from vllm_elastic.compat.forward_context import row_token_counts
+from vllm_elastic.compat.logits import sliced_logits
+from vllm_elastic.compat.runner import check_v1_runner
+from vllm_elastic.control.batch_state import ElasticBatchState, lookup_state
+from vllm_elastic.errors import ElasticStateError
+from vllm_elastic.log import get_logger
+from vllm_elastic.models import norm, scratch
+from vllm_elastic.models.nested_linear import NestedLinear, requested_packing, resolve_packing
+from vllm_elastic.spec.budgets import Budget, ElasticSpec
+from vllm_elastic.spec.engine_options import engine_options
+from vllm_elastic.spec.layout import (
     channels_of_rank,
     gate_up_rows,
     kv_rows_of_rank,
     q_rows_of_rank,
 )
-from vllm_elastic.log import get_logger
-from vllm_elastic.models import norm, own_heads, scratch
-from vllm_elastic.models.nested_linear import NestedLinear, requested_packing, resolve_packing
 
 Index = slice | torch.Tensor
-MLP_WINDOW = 512  # rows per gate_up -> activation -> down pass (see ElasticDecoderLayer._mlp)
 logger = get_logger(__name__)
 
 
@@ -157,6 +161,8 @@ class ElasticDecoderLayer(nn.Module):
         self.down = NestedLinear([None if c is None else (c.hidden, c.inter) for c in kept])
         # row-parallel (o, down) biases go after the all-reduce, not into each rank's GEMM
         self.bias_after_reduce = self.tp_size > 1
+        # rows per gate_up -> activation -> down pass in long prefills (see _mlp)
+        self.mlp_window = engine_options(vllm_config).mlp_window
 
     def _cut(self, b: Budget) -> _LayerCut:
         kv_groups = b.num_key_value_heads // self.tp_size
@@ -331,15 +337,15 @@ class ElasticDecoderLayer(nn.Module):
         return parts
 
     def _mlp(self, x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
-        """``down(SiLU(gate) * up)`` of the stacked rows, ``MLP_WINDOW`` rows at a time.
+        """``down(SiLU(gate) * up)`` of the stacked rows, ``mlp_window`` rows at a time.
 
         Windows keep the wide gate_up output in cache between its GEMMs, the activation
         and down (a long prefill otherwise streams it through memory several times).
         """
-        if x.shape[0] <= MLP_WINDOW:
+        if x.shape[0] <= self.mlp_window:
             return self._mlp_window(x, runs)
         out = None
-        for start, window in _windows(runs, MLP_WINDOW):
+        for start, window in _windows(runs, self.mlp_window):
             rows = sum(m for _, m in window)
             y = self._mlp_window(x[start : start + rows], window)
             if out is None:  # the first window holds the widest budget (runs descend)
@@ -446,6 +452,7 @@ class ElasticForCausalLM(nn.Module):
         self.config = config
         self.vllm_config = vllm_config
         self.spec: ElasticSpec = config.elastic_spec
+        check_v1_runner(vllm_config)  # this process may see other settings than the frontend
         tp = get_tensor_model_parallel_world_size()
         self.spec.check_tensor_parallel(tp)
         if get_pp_group().world_size > 1:
@@ -487,28 +494,26 @@ class ElasticForCausalLM(nn.Module):
     ) -> np.ndarray:
         """Budget index per token; records the logits rows' budgets for compute_logits."""
         self._logit_budgets = None
-        state = self._batch_state()
-        meta = None
-        if state is not None and is_forward_context_available():
-            meta = get_forward_context().attn_metadata
-            if isinstance(meta, list):
-                meta = meta[0] if meta else None
-            if isinstance(meta, dict):
-                meta = next(iter(meta.values()), None)
-        qsl = getattr(meta, "query_start_loc", None)
-        if state is None or qsl is None:  # profile / dummy runs
+        counts = row_token_counts()
+        if counts is None:  # profile / dummy runs
             return np.full(num_tokens, self.full_index)
-        qsl = qsl.cpu().numpy()
-        counts = np.diff(qsl)
+        state = self._batch_state()
+        if state is None:
+            raise ElasticStateError(
+                "the elastic budget logits processor is not loaded in this engine, so no "
+                "request's budget is known (vllm-elastic attaches it from the elastic "
+                "architecture's config hook)"
+            )
+        qsl = np.concatenate([[0], np.cumsum(counts)])
         pos = positions.cpu().numpy()
-        pending = np.flatnonzero(state.pending[: len(counts)])
+        pending = np.flatnonzero(state.pending[: len(counts)] & (counts > 0))
         if pending.size and input_ids is not None and state.on_fed is not None:
             last = qsl[1:][pending] - 1
             index = torch.from_numpy(last).to(input_ids.device)
             state.on_fed(pending, input_ids[index].cpu().numpy(), pos[last])
         tb = state.token_budgets(counts, pos)
-        if len(tb) < num_tokens:  # padding tokens (no request) follow the first budget
-            tb = np.concatenate([tb, np.full(num_tokens - len(tb), tb[0] if len(tb) else 0)])
+        if len(tb) < num_tokens:  # padding tokens (no request) run at the full budget
+            tb = np.concatenate([tb, np.full(num_tokens - len(tb), self.full_index)])
         self._logit_budgets = tb[qsl[1:] - 1] if len(counts) else None
         return tb
 
@@ -585,16 +590,7 @@ class ElasticForCausalLM(nn.Module):
         return logits
 
     def _sliced_logits(self, hidden: torch.Tensor, width: int) -> torch.Tensor | None:
-        lp = self.logits_processor
-        logits = F.linear(hidden[:, :width], self.lm_head.weight[:, :width])
-        if self.lm_head.tp_size > 1:
-            logits = lp._gather_logits(logits)
-            if logits is None:
-                return None
-        logits = logits[..., : lp.org_vocab_size]
-        if lp.scale != 1.0:
-            logits = logits * lp.scale
-        return logits
+        return sliced_logits(self.logits_processor, self.lm_head, hidden, width)
 
     # ---------------------------------------------------------------- weight loading
     def process_weights_after_loading(self) -> None:

@@ -31,65 +31,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_elastic.budgets import ElasticConfigError
+from vllm_elastic.compat.cpu_kernels import OneDNNWeight, onednn_available
+from vllm_elastic.errors import ElasticConfigError
 from vllm_elastic.models import scratch
-from vllm_elastic.policy import engine_section
+from vllm_elastic.spec.engine_options import PACKINGS, engine_options
 
-PACKINGS = ("auto", "nested", "per-budget", "views")
-
-
-def onednn_available() -> bool:
-    """Whether vLLM's CPU oneDNN GEMM (``_C.onednn_mm``) is built into this vLLM."""
-    try:
-        import vllm._custom_ops as ops
-    except ImportError:  # pragma: no cover - vLLM always ships it
-        return False
-    return bool(getattr(ops, "_supports_onednn", False))
+__all__ = ["PACKINGS", "NestedLinear", "onednn_available", "requested_packing", "resolve_packing"]
 
 
 def requested_packing(vllm_config: Any) -> str:
-    """``additional_config["elastic"]["weight_packing"]`` (default ``auto``).
-
-    Raises ElasticConfigError when it is not one of ``PACKINGS``.
-    """
-    packing = engine_section(vllm_config).get("weight_packing", "auto")
-    if packing not in PACKINGS:
-        raise ElasticConfigError(
-            f"elastic.weight_packing: expected one of {', '.join(PACKINGS)}, got {packing!r}"
-        )
-    return packing
+    """The engine's ``weight_packing`` option (validated at start-up)."""
+    return engine_options(vllm_config).weight_packing
 
 
 def resolve_packing(packing: str, device: torch.device) -> str:
     """The packing to use for one of ``PACKINGS``: ``auto`` is ``nested`` on CPU with
-    oneDNN, else ``views``; the oneDNN packings fall back to ``views`` without it."""
+    oneDNN, else ``views``. Asking for a oneDNN packing elsewhere is an error."""
     cpu_onednn = device.type == "cpu" and onednn_available()
     if packing == "auto":
         return "nested" if cpu_onednn else "views"
     if packing != "views" and not cpu_onednn:
-        return "views"
+        raise ElasticConfigError(
+            f"elastic.weight_packing: {packing!r} needs vLLM's CPU oneDNN GEMM, which this "
+            f"{device.type} engine lacks; use 'auto' or 'views'"
+        )
     return packing
-
-
-class _Packed:
-    """One oneDNN-prepacked weight block ``[n, k]`` (and its bias)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        import vllm._custom_ops as ops
-
-        self.n = weight.shape[0]
-        self.handler = ops.create_onednn_mm(weight.t(), 32)
-        self.bias = None if bias is None else bias.detach().clone()
-        self.bytes = weight.numel() * weight.element_size()
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T (+ bias)``; into ``out`` (contiguous ``[rows, n]``) when given."""
-        import vllm._custom_ops as ops
-
-        if out is None:
-            return ops.onednn_mm(self.handler, x, self.bias)
-        torch.ops._C.onednn_mm(out, x, self.bias, self.handler.handler_tensor)
-        return out
 
 
 class NestedLinear:
@@ -108,9 +74,9 @@ class NestedLinear:
         self.packing = "views"
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
-        self._bands: list[_Packed | None] = []
-        self._strips: list[_Packed | None] = []
-        self._per_level: list[_Packed] = []
+        self._bands: list[OneDNNWeight | None] = []
+        self._strips: list[OneDNNWeight | None] = []
+        self._per_level: list[OneDNNWeight] = []
 
     # ------------------------------------------------------------------ packing
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None, packing: str) -> str:
@@ -126,12 +92,12 @@ class NestedLinear:
             return packing
         bias_of = (lambda a, b: None) if bias is None else (lambda a, b: bias[a:b])
         if packing == "per-budget":
-            self._per_level = [_Packed(weight[:n, :k], bias_of(0, n)) for n, k in self.levels]
+            self._per_level = [OneDNNWeight(weight[:n, :k], bias_of(0, n)) for n, k in self.levels]
             return packing
         n0 = k0 = 0
         for n, k in self.levels:
-            self._bands.append(_Packed(weight[n0:n, :k], bias_of(n0, n)) if n > n0 else None)
-            self._strips.append(_Packed(weight[:n0, k0:k], None) if n0 and k > k0 else None)
+            self._bands.append(OneDNNWeight(weight[n0:n, :k], bias_of(n0, n)) if n > n0 else None)
+            self._strips.append(OneDNNWeight(weight[:n0, k0:k], None) if n0 and k > k0 else None)
             n0, k0 = n, k
         return packing
 

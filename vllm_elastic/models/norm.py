@@ -1,9 +1,9 @@
 """RMSNorm over a budget's first channels, with vLLM's fused CPU kernels where they apply.
 
 vLLM's IR picks the PyTorch-native RMSNorm on CPU (about eight tensor ops per call); its
-CPU build also ships ``_C.rms_norm`` / ``_C.fused_add_rms_norm``, one pass each, for
-widths that are a multiple of 8. The elastic forward calls the norms once per budget
-group and layer, so it uses those kernels when it can and vLLM's IR op otherwise.
+CPU build also ships fused kernels, one pass each, for widths that are a multiple of 8.
+The elastic forward calls the norms once per budget group and layer, so it uses those
+kernels when it can and vLLM's IR op otherwise.
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ from __future__ import annotations
 import torch
 from vllm import ir
 
-
-def _cpu_kernel(x: torch.Tensor, name: str) -> bool:
-    return x.device.type == "cpu" and x.shape[-1] % 8 == 0 and hasattr(torch.ops._C, name)
+from vllm_elastic.compat import cpu_kernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight[:width]`` (a new tensor)."""
     w = weight[: x.shape[-1]]
-    if _cpu_kernel(x, "rms_norm"):
+    if cpu_kernels.has_norm_kernel(x, fused=False):
         x = x.contiguous()
         out = torch.empty_like(x)
-        torch.ops._C.rms_norm(out, x, w, eps)
+        cpu_kernels.rms_norm(out, x, w, eps)
         return out
     return ir.ops.rms_norm(x, w, eps)
 
@@ -34,7 +32,7 @@ def fused_add_rms_norm(
     (a contiguous ``residual`` is updated in place by the CPU kernel)."""
     w = weight[: x.shape[-1]]
     x = x.contiguous()
-    if _cpu_kernel(x, "fused_add_rms_norm") and residual.is_contiguous():
-        torch.ops._C.fused_add_rms_norm(x, residual, w, eps)
+    if cpu_kernels.has_norm_kernel(x, fused=True) and residual.is_contiguous():
+        cpu_kernels.fused_add_rms_norm_(x, residual, w, eps)
         return x, residual
     return ir.ops.fused_add_rms_norm(x, residual, w, eps)

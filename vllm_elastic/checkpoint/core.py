@@ -21,14 +21,15 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from vllm_elastic.budgets import Budget, ElasticConfigError, ElasticSpec, spec_from_hf_config
-from vllm_elastic.config import FAMILIES
-from vllm_elastic.tokenizer import (
+from vllm_elastic.checkpoint.tokenizer import (
     SPECIAL_TOKENS,
     build_tokenizer,
     special_token_ids,
     tokenizer_vocab_size,
 )
+from vllm_elastic.errors import ElasticConfigError, UnknownBudgetError
+from vllm_elastic.spec.budgets import Budget, ElasticSpec, spec_from_hf_config
+from vllm_elastic.spec.hf_configs import FAMILIES
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -114,13 +115,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_PRESET = "small"
-
-
-class UnknownBudgetError(ElasticConfigError, KeyError):
-    """The checkpoint has no budget of the requested name."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 # --------------------------------------------------------------------------- shapes

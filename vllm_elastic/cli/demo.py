@@ -67,8 +67,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from vllm import LLM, SamplingParams
 
     from vllm_elastic.checkpoint import budget_report
-    from vllm_elastic.cli import format_report
-    from vllm_elastic.usage import elastic_usage, merge_usages
+    from vllm_elastic.cli.main import format_report
+    from vllm_elastic.control.usage import elastic_usage, merge_usages
 
     model = ensure_model(args.model_dir, args.preset, args.dtype)
     print(format_report(budget_report(model)))

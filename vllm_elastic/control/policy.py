@@ -7,9 +7,9 @@ Request keys (``SamplingParams.extra_args`` offline, ``vllm_xargs`` in the OpenA
   the switch happens at the end-of-thinking marker.
 * ``elastic_kv_mode``: ``reuse`` (default) or ``recompute`` (see README).
 
-Keys a request leaves out come from the server/engine default policy
+Keys a request leaves out come from the engine's default policy
 (``additional_config={"elastic": {...}}``, same keys), then from the checkpoint's
-``default_budget``.
+``default_budget``. Any other request key starting with ``elastic`` is rejected.
 """
 
 from __future__ import annotations
@@ -18,23 +18,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_elastic.budgets import ElasticSpec
-
-KEY_BUDGET = "elastic_budget"
-KEY_THINK = "elastic_think_budget"
-KEY_ANSWER = "elastic_answer_budget"
-KEY_KV_MODE = "elastic_kv_mode"
-POLICY_KEYS = (KEY_BUDGET, KEY_THINK, KEY_ANSWER, KEY_KV_MODE)
-KV_MODES = ("reuse", "recompute")
-
-
-def engine_section(vllm_config: Any) -> dict[str, Any]:
-    """The engine's ``additional_config["elastic"]`` (default policy, markers, packing)."""
-    return dict((vllm_config.additional_config or {}).get("elastic", {}) or {})
-
-
-class ElasticPolicyError(ValueError):
-    """A request's (or the default) elastic policy is invalid."""
+from vllm_elastic.errors import ElasticPolicyError, short
+from vllm_elastic.spec.budgets import ElasticSpec
+from vllm_elastic.spec.engine_options import (
+    KEY_ANSWER,
+    KEY_BUDGET,
+    KEY_KV_MODE,
+    KEY_THINK,
+    KV_MODES,
+    check_request_keys,
+)
 
 
 @dataclass(frozen=True)
@@ -49,24 +42,22 @@ class Policy:
     def switches(self) -> bool:
         return self.think != self.answer
 
-    def cache_salt(self) -> str:
-        """A prefix-cache salt that separates K/V computed under different schedules."""
-        if not self.switches:
-            return f"elastic:{self.think}"
-        return f"elastic:{self.think}>{self.answer}:{self.kv_mode}"
-
-    def to_extra_args(self) -> dict[str, str]:
-        return {KEY_THINK: self.think, KEY_ANSWER: self.answer, KEY_KV_MODE: self.kv_mode}
+    @property
+    def reported_kv_mode(self) -> str | None:
+        """The KV mode that applies: None for a request that never switches budgets."""
+        return self.kv_mode if self.switches else None
 
 
 def _budget_name(spec: ElasticSpec, key: str, value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ElasticPolicyError(
-            f"{where}{key}: expected a budget name (string), got {value!r}; budgets: {spec.names}"
+            f"{where}{key}: expected a budget name (string), got {short(value)}; "
+            f"budgets: {spec.names}"
         )
     if value not in spec.names:
         raise ElasticPolicyError(
-            f"{where}{key}: unknown budget {value!r}; this checkpoint's budgets are {spec.names}"
+            f"{where}{key}: unknown budget {short(value)}; this checkpoint's budgets are "
+            f"{spec.names}"
         )
     return value
 
@@ -89,10 +80,16 @@ def _partial(spec: ElasticSpec, args: Mapping[str, Any], where: str) -> dict[str
         mode = args[KEY_KV_MODE]
         if mode not in KV_MODES:
             raise ElasticPolicyError(
-                f"{where}{KEY_KV_MODE}: expected one of {list(KV_MODES)}, got {mode!r}"
+                f"{where}{KEY_KV_MODE}: expected one of {list(KV_MODES)}, got {short(mode)}"
             )
         out["kv_mode"] = mode
     return out
+
+
+def check_request_args(spec: ElasticSpec, request_args: Mapping[str, Any] | None) -> None:
+    """Validate a request's own keys (names and values); raise ElasticPolicyError."""
+    check_request_keys(request_args)
+    _partial(spec, request_args or {}, "")
 
 
 def resolve_policy(
@@ -108,28 +105,10 @@ def resolve_policy(
     if default_args:
         base.update(_partial(spec, default_args, "default policy: "))
     if request_args:
+        check_request_keys(request_args)
         own = _partial(spec, request_args, "")
         if KEY_BUDGET in request_args:
             # one budget for the whole request overrides a default think/answer split
             base["think"] = base["answer"] = own["think"]
         base.update(own)
     return Policy(**base)
-
-
-def policy_from_extra_args(
-    spec: ElasticSpec,
-    extra_args: Mapping[str, Any] | None,
-    default_args: Mapping[str, Any] | None = None,
-) -> Policy:
-    """Worker-side read of the policy the frontend already validated and resolved.
-
-    Never raises: the engine must keep serving, so anything invalid that slipped past the
-    frontend falls back to the defaults.
-    """
-    try:
-        return resolve_policy(spec, extra_args, default_args)
-    except ElasticPolicyError:
-        try:
-            return resolve_policy(spec, None, default_args)
-        except ElasticPolicyError:
-            return resolve_policy(spec, None)

@@ -33,9 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
-class ElasticConfigError(ValueError):
-    """The ``elastic`` section of a checkpoint config is invalid."""
+from vllm_elastic.errors import ElasticConfigError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The ``vllm-elastic`` command line (``python -m vllm_elastic.cli``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from vllm_elastic.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""What an elastic checkpoint is: budgets, engine options, per-family declarations."""
