@@ -11,8 +11,8 @@ test: setup
 	.venv/bin/python -m pytest -q tests
 
 lint: setup
-	.venv/bin/ruff check vllm_elastic tests benchmarks examples
-	.venv/bin/ruff format --check vllm_elastic tests benchmarks examples
+	.venv/bin/ruff check vllm_elastic tests benchmarks examples scripts
+	.venv/bin/ruff format --check vllm_elastic tests benchmarks examples scripts
 
 bench-quick: setup
 	bash benchmarks/run_all.sh --quick

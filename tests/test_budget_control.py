@@ -305,3 +305,43 @@ def test_switch_is_detected_from_fed_input_ids_alone(switch_llm, think_prompts, 
     monkeypatch.setattr(state, "on_fed", confirm)
     assert run(llm, prompts_, extra, thinks, 20) == want
     assert any(confirmed), "no fed token was confirmed from the input ids"
+
+
+USER_STEPS = [0]
+
+
+def _counting_scheduler_cls() -> type:
+    """A user scheduler (vLLM's, counting its steps), bound to this module's name
+    ``CountingScheduler`` so vLLM can import it; made lazily to keep vLLM out of
+    collection."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    class CountingScheduler(Scheduler):
+        def schedule(self, *args, **kwargs):
+            USER_STEPS[0] += 1
+            return super().schedule(*args, **kwargs)
+
+    globals().setdefault("CountingScheduler", CountingScheduler)
+    return globals()["CountingScheduler"]
+
+
+def test_recompute_composes_with_a_user_scheduler(
+    hand_reference, checkpoint, engines, think_prompts
+):
+    """--scheduler-cls of the user's own: the recompute hook wraps it (recompute stays
+    exact) and the user's scheduler runs."""
+    user = _counting_scheduler_cls()
+    traces, conts = hand_reference
+    todo = cases(think_prompts)
+    llm = engines.get(
+        ("user-scheduler",), checkpoint(NAME), **REASONING,
+        scheduler_cls=f"{__name__}.CountingScheduler",
+    )  # fmt: skip
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    assert isinstance(sched, user)
+    extra = [{**POLICY, "elastic_kv_mode": "recompute"}] * len(todo)
+    got = run(llm, [p for p, _ in todo], extra, [t for _, t in todo], 64)
+    for i, (g, tr, co) in enumerate(zip(got, traces, conts)):
+        assert g[: len(tr) + len(co)] == tr + co, f"prompt {i}: recompute over a user scheduler"
+    assert USER_STEPS[0] > 0
+    engines.close()

@@ -20,6 +20,9 @@ NAME = "llama_bias"
         ),
         ({"elastic_think_budget": "nope"}, r"elastic_think_budget: unknown budget 'nope'"),
         ({"elastic_kv_mode": "copy"}, r"elastic_kv_mode: expected one of"),
+        ({"elastic_budegt": "full"}, r"unknown request key 'elastic_budegt'; the elastic keys"),
+        ({"Elastic_Budget": "full"}, r"unknown request key 'Elastic_Budget'"),
+        ({"elastic_budget": "x" * 100_000}, r"unknown budget 'xxxx.*\(100002 characters\)"),
     ],
 )
 def test_bad_policy_raises_validation_error_and_engine_keeps_serving(
@@ -27,8 +30,9 @@ def test_bad_policy_raises_validation_error_and_engine_keeps_serving(
 ):
     want = reference(NAME, "tiny")
     llm = elastic_llm(NAME)
-    with pytest.raises(VLLMValidationError, match=match):
+    with pytest.raises(VLLMValidationError, match=match) as err:
         greedy(llm, prompts[:1], [extra], 4)
+    assert len(str(err.value)) < 1000
     # the engine is unharmed: the next (valid) request is still exact
     got = greedy(llm, prompts[:1], [{"elastic_budget": "tiny"}], 12)
     assert_same_output(got[0], want[0], "after a rejected request")
@@ -93,3 +97,59 @@ def test_register_is_idempotent_and_blocks_transformers_fallback(elastic_llm):
     config = llm.llm_engine.vllm_config.model_config
     assert config.model_impl == "vllm"  # a process without the plugin fails, never falls back
     assert config.architecture == "ElasticLlamaForCausalLM"
+
+
+@pytest.mark.parametrize(
+    "section,match",
+    [
+        ({"weight_packng": "nested"}, r"unknown key\(s\) \['weight_packng'\]; known keys"),
+        ({"mlp_window": 0}, r"elastic.mlp_window: expected an int >= 1"),
+        ({"elastic_budget": "huge"}, r"unknown budget 'huge'"),
+    ],
+)
+def test_bad_engine_options_fail_at_startup(section, match, checkpoint, engines):
+    from vllm import LLM
+
+    engines.close()
+    # vLLM's config (pydantic) wraps the plugin's ElasticConfigError in a ValueError
+    with pytest.raises(ValueError, match=match):
+        LLM(str(checkpoint(NAME)), dtype="float32", additional_config={"elastic": section})
+
+
+def test_usage_of_every_choice_offline(elastic_llm, prompts):
+    from vllm import SamplingParams
+
+    from vllm_elastic.control.usage import elastic_usage
+
+    llm = elastic_llm(NAME)
+    params = SamplingParams(
+        max_tokens=5, n=3, temperature=1.0, seed=3, ignore_eos=True,
+        extra_args={"elastic_budget": "q_thin"},
+    )  # fmt: skip
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)[0]
+    assert len(out.outputs) == 3
+    usage = elastic_usage(out)
+    assert usage["tokens"] == {"q_thin": 15} and usage["choices"] == 3, usage
+    assert usage["kv_mode"] is None
+
+
+def test_a_missing_budget_tracker_fails_loudly(checkpoint, engines, prompts):
+    """Without its budget logits processor the model cannot know any request's budget:
+    it raises instead of running every request at the full budget."""
+    from vllm_elastic.control import batch_state
+    from vllm_elastic.errors import ElasticStateError
+
+    llm = engines.get(("elastic-no-tracker",), checkpoint(NAME))
+    llm.apply_model(lambda model: setattr(model, "_state", None))
+    saved = dict(batch_state._STATES)
+    batch_state._STATES.clear()
+    try:
+        with pytest.raises(Exception) as err:
+            greedy(llm, prompts[:1], [{"elastic_budget": "tiny"}], 2)
+        chain = [err.value, err.value.__cause__, err.value.__context__]
+        assert any(isinstance(e, ElasticStateError) for e in chain) or (
+            "budget logits processor is not loaded" in str(err.value)
+        ), repr(err.value)
+    finally:
+        batch_state._STATES.update(saved)
+        engines.close()

@@ -283,3 +283,127 @@ def test_weight_packing_flag_reaches_the_model(server, server_log):
     text = server_log.read_text()
     assert f"'requested': '{PACKING}'" in text
     assert f"'down': '{PACKING}'" in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+@pytest.mark.parametrize(
+    "xargs,needle",
+    [
+        ({"elastic_budegt": "full"}, "unknown request key 'elastic_budegt'"),
+        ({"elastic_budget ": "full"}, "unknown request key 'elastic_budget '"),
+        ({"elastic_budget": "x" * 100_000}, "(100002 characters)"),
+    ],
+)
+def test_bad_policy_is_400_before_any_stream_with_a_short_message(
+    server, prompts, endpoint, stream, xargs, needle
+):
+    """A misspelt elastic key or a bad budget is HTTP 400 on every endpoint, streamed or
+    not, and the message quotes a huge value only in part."""
+    body: dict[str, Any] = {"model": SERVED, "max_tokens": 4, "stream": stream, "vllm_xargs": xargs}
+    if endpoint == "completions":
+        body["prompt"] = prompts[0]
+    else:
+        body["messages"] = [{"role": "user", "content": "hello"}]
+    r = requests.post(f"{server}/v1/{endpoint}", json=body, timeout=60)
+    assert r.status_code == 400, r.text[:500]
+    assert needle in r.text
+    assert "elastic_budget, elastic_think_budget" in r.text or "unknown budget" in r.text
+    assert len(r.text) < 2000
+
+
+def _metric(server: str, name: str, **labels: str) -> float:
+    text = requests.get(f"{server}/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{"):
+            got = ",".join(sorted(line[line.index("{") + 1 : line.index("}")].split(",")))
+            if got == want:
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_usage_counts_every_choice(server, client, prompts):
+    """n=2: usage.elastic and the metrics count both choices."""
+    labels = dict(think_budget="kv_half", answer_budget="kv_half", kv_mode="none")
+    requests_before = _metric(server, "vllm_elastic:requests_total", **labels)
+    tokens_before = _metric(
+        server, "vllm_elastic:generation_tokens_total", budget="kv_half", phase="answer"
+    )
+    r = client.completions.create(
+        model=SERVED, prompt=prompts[1], max_tokens=6, n=2, temperature=0.8, seed=1,
+        extra_body=_body({"elastic_budget": "kv_half"}, None),
+    )  # fmt: skip
+    assert len(r.choices) == 2 and r.usage.completion_tokens == 12
+    usage = r.usage.model_extra["elastic"]
+    assert usage["tokens"] == {"kv_half": 12} and usage["choices"] == 2, usage
+    assert usage["kv_mode"] is None  # one budget: no KV mode applies
+    assert _metric(server, "vllm_elastic:requests_total", **labels) == requests_before + 1
+    tokens_after = _metric(
+        server, "vllm_elastic:generation_tokens_total", budget="kv_half", phase="answer"
+    )
+    assert tokens_after == tokens_before + 12
+
+
+def test_responses_endpoint_reports_usage(server):
+    body = {
+        "model": SERVED, "input": "what is the best way home", "max_output_tokens": 6,
+        "temperature": 0, "vllm_xargs": {"elastic_budget": "tiny"},
+    }  # fmt: skip
+    r = requests.post(f"{server}/v1/responses", json=body, timeout=60)
+    assert r.status_code == 200, r.text[:500]
+    usage = r.json()["usage"]
+    assert usage["elastic"]["tokens"] == {"tiny": usage["output_tokens"]}, usage
+    bad = requests.post(
+        f"{server}/v1/responses", json={**body, "vllm_xargs": {"elastic_bud": "tiny"}}, timeout=60
+    )
+    assert bad.status_code == 400 and "unknown request key" in bad.text
+
+
+def test_slowly_read_stream_gets_the_final_usage(server, prompts):
+    """A consumer that reads a stream slowly gets vLLM's merged outputs; the usage in
+    the final chunk still counts every token."""
+    body = {
+        "model": SERVED, "prompt": prompts[2], "max_tokens": 24, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+        "vllm_xargs": {"elastic_budget": "q_thin"},
+    }  # fmt: skip
+    last = None
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) as r:
+        for i, line in enumerate(r.iter_lines()):
+            if i == 1:
+                time.sleep(3)  # the engine finishes meanwhile; outputs pile up
+            if line.startswith(b"data: {"):
+                last = line
+    import json
+
+    usage = json.loads(last[len(b"data: ") :])["usage"]
+    assert usage["completion_tokens"] == 24
+    assert usage["elastic"]["tokens"] == {"q_thin": 24}, usage
+
+
+def test_aborted_requests_are_not_counted_as_finished(server, prompts):
+    labels = dict(think_budget="kv_half", answer_budget="full", kv_mode="recompute")
+    before = _metric(server, "vllm_elastic:requests_total", **labels)
+    body = {
+        "model": SERVED, "prompt": prompts[3], "max_tokens": 400, "temperature": 0,
+        "stream": True, "ignore_eos": True,
+        "vllm_xargs": {"elastic_think_budget": "kv_half", "elastic_answer_budget": "full",
+                       "elastic_kv_mode": "recompute"},
+    }  # fmt: skip
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=60) as r:
+        next(r.iter_lines())  # one chunk, then the client goes away
+    deadline = time.time() + 60
+    while time.time() < deadline:  # aborted, or (a bug) run to its end
+        text = requests.get(f"{server}/metrics", timeout=10).text
+        running = [ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_running")]
+        if running and all(float(ln.split()[-1]) == 0 for ln in running):
+            break
+        time.sleep(0.5)
+    ok = requests.post(
+        f"{server}/v1/completions",
+        json={"model": SERVED, "prompt": prompts[0], "max_tokens": 2},
+        timeout=60,
+    )
+    assert ok.status_code == 200
+    assert _metric(server, "vllm_elastic:requests_total", **labels) == before
