@@ -256,28 +256,6 @@ def _source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def relax_llama_head_check() -> bool:
-    """Drop transformers' ``hidden_size % num_attention_heads == 0`` check of LlamaConfig.
-
-    A budget such as bench's ``large`` (hidden 896, 12 heads of 64) is a valid Llama with an
-    explicit ``head_dim``, but transformers 5 refuses its config, so neither
-    ``slice_checkpoint`` nor stock vLLM can load it. The check only validates; dropping it
-    changes no computation. Returns True when it was active.
-    """
-    from transformers import LlamaConfig
-
-    validators = list(getattr(LlamaConfig, "__class_validators__", []))
-    kept = [v for v in validators if v.__name__ != "validate_architecture"]
-    if len(kept) == len(validators):
-        return False
-    LlamaConfig.__class_validators__ = kept
-    return True
-
-
-def _needs_relaxed_check(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return [r["name"] for r in rows if r["hidden_size"] % r["num_attention_heads"]]
-
-
 def prepare_checkpoint(settings: Settings) -> Checkpoint:
     """Build (or reuse) the preset's elastic checkpoint and slice every budget.
 
@@ -294,13 +272,6 @@ def prepare_checkpoint(settings: Settings) -> Checkpoint:
     if not fresh:
         build_random_checkpoint(parent, **PRESETS[settings.preset])
     rows = budget_report(parent)
-    odd = _needs_relaxed_check(rows)
-    if odd and relax_llama_head_check():
-        settings.notes.append(
-            f"budgets {odd}: hidden_size is not a multiple of num_attention_heads; "
-            "transformers' LlamaConfig rejects that config (slice_checkpoint fails too), so "
-            "its validate_architecture check is disabled in-process (validation only)."
-        )
     sliced = {r["name"]: _slice(parent, r["name"], root / "sliced", fresh) for r in rows}
     if not fresh:
         stamp_path.write_text(json.dumps(stamp, indent=1))
@@ -317,42 +288,27 @@ def _slice(parent: Path, name: str, out_root: Path, fresh: bool) -> Path:
 
 
 def model_info(parent: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Parent shape plus each budget's shape, parameters and matmul FLOPs per token.
-
-    FLOPs per token = 2 x the parameters that take part in matmuls (all but the input
-    embedding table; the lm_head counts); attention-score FLOPs are not included.
-    """
+    """Parent shape plus each budget's shape and cost (``vllm_elastic.spec.cost``:
+    parameters, matmul FLOPs, KV and Mamba-state bytes)."""
     from vllm_elastic.checkpoint import load_elastic_config
+    from vllm_elastic.spec.cost import budget_cost
 
     cfg = load_elastic_config(parent)
-    tied = bool(cfg.tie_word_embeddings)
-    keys = ("name", "hidden_size", "num_attention_heads", "num_key_value_heads")
-    keys += ("intermediate_size", "num_layers", "layers", "parameters", "bytes", "fraction")
+    spec = cfg.elastic_spec
     budgets = []
     for r in rows:
-        b = {k: r[k] for k in keys}
-        embed = 0 if tied else cfg.vocab_size * r["hidden_size"]
-        b["matmul_flops_per_token"] = 2 * (r["parameters"] - embed)
-        b["kv_bytes_per_token"] = _kv_bytes(cfg, r["num_key_value_heads"], r["num_layers"])
+        b = {k: r[k] for k in r if not k.endswith("_sizes") and k not in ("default", "full")}
+        b.update(budget_cost(cfg, spec.get(r["name"])))
         budgets.append(b)
     return {
         "family": cfg.model_type,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.intermediate_size,
+        **{k: r for k, r in spec.parent.sizes.items()},
+        "layer_kinds": "".join(spec.parent.layer_kinds),
         "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": tied,
+        "tie_word_embeddings": cfg.family.tied(cfg),
         "dtype": rows[0]["dtype"],
         "budgets": budgets,
     }
-
-
-def _kv_bytes(cfg: Any, kv_heads: int, layers: int, itemsize: int = 4) -> int:
-    """K+V bytes per token of a plain model with ``layers`` layers and ``kv_heads``."""
-    return 2 * layers * kv_heads * cfg.head_dim * itemsize
 
 
 # --------------------------------------------------------------------------- engines
@@ -727,24 +683,22 @@ def verdict(value: float, target: float) -> str:
 
 
 def _meta_markdown(meta: dict[str, Any]) -> str:
+    from vllm_elastic.spec.axes import AXES
+
     m, model = meta["machine"], meta["model"]
+    axes = [a for a in AXES.values() if a.field in model]
     budgets = md_table(
-        ["budget", "hidden", "heads", "kv", "mlp", "layers", "params", "fraction", "GFLOP/tok"],
+        ["budget", *[a.alias for a in axes], "layers", "params", "active", "fraction",
+         "GFLOP/tok"],
         [
             (
-                b["name"],
-                b["hidden_size"],
-                b["num_attention_heads"],
-                b["num_key_value_heads"],
-                b["intermediate_size"],
-                b["num_layers"],
-                b["parameters"],
-                b["fraction"],
-                b["matmul_flops_per_token"] / 1e9,
+                b["name"], *[b[a.field] for a in axes], b["num_layers"], b["parameters"],
+                b["active_parameters"], b["fraction"], b["matmul_flops_per_token"] / 1e9,
             )
             for b in model["budgets"]
         ],
-    )
+    )  # fmt: skip
+    shape = ", ".join(f"{a.alias} {model[a.field]}" for a in axes)
     lines = [
         f"- machine: {m['cpu_model']} ({m['usable_cpus']} usable CPUs, "
         f"{', '.join(m['cpu_flags'])}), {m['memory_gib']} GiB",
@@ -754,11 +708,8 @@ def _meta_markdown(meta: dict[str, Any]) -> str:
         f"VLLM_CPU_OMP_THREADS_BIND={m['env']['VLLM_CPU_OMP_THREADS_BIND']}",
         f"- repo commit {m['git']['commit'][:10]}{' (dirty)' if m['git']['dirty'] else ''}, "
         f"vllm_elastic sources sha256 {m['git']['vllm_elastic_sources_sha256']}",
-        f"- model: preset `{meta['settings']['preset']}`, {model['family']}, hidden "
-        f"{model['hidden_size']}, {model['num_hidden_layers']} layers, "
-        f"{model['num_attention_heads']} heads / {model['num_key_value_heads']} kv x "
-        f"{model['head_dim']}, mlp {model['intermediate_size']}, vocab {model['vocab_size']}, "
-        f"{model['dtype']}",
+        f"- model: preset `{meta['settings']['preset']}`, {model['family']}, layers "
+        f"`{model['layer_kinds']}`, {shape}, vocab {model['vocab_size']}, {model['dtype']}",
         f"- mode: {'quick' if meta['settings']['quick'] else 'full'}; "
         f"timed runs per point: {meta['settings']['repeats']} (best reported)",
     ]

@@ -43,10 +43,23 @@ def profile_run(llm: Any, reqs: list[c.Request]) -> tuple[float, list[dict[str, 
     return wall, top
 
 
-def profile_engines(ckpt: c.Checkpoint, budgets: list[str], work: c.Workload) -> dict:
+def layer_points(model: Any) -> dict[str, list[tuple[int, int] | None]]:
+    """Per projection of the first layer, every budget's (N, K) as the elastic model
+    stores it (read from the model: qkv rows hold the parent's full K/V)."""
+    layer = model.layers[0]
+    named = {"qkv": layer.self_attn.qkv, "o_proj": layer.self_attn.o}
+    named.update(gate_up=layer.mlp.up, down=layer.mlp.down)
+    return {
+        name: [None if lv is None else nl.levels[lv] for lv in nl.level_of]
+        for name, nl in named.items()
+    }
+
+
+def profile_engines(ckpt: c.Checkpoint, budgets: list[str], work: c.Workload) -> tuple:
     prompts = work.prompts(ckpt)
     out: dict[str, Any] = {}
     with c.engine(ckpt.path) as llm:
+        points = llm.apply_model(layer_points)[0]
         for b in budgets:
             c.log(f"  profiling elastic {b}")
             params = c.sampling(work.max_tokens, c.budget_args(b))
@@ -56,41 +69,35 @@ def profile_engines(ckpt: c.Checkpoint, budgets: list[str], work: c.Workload) ->
             c.log(f"  profiling stock {b}")
             params = c.sampling(work.max_tokens)
             out[f"stock {b}"] = profile_run(llm, c.requests_for(prompts, params))
-    return out
+    return out, points
 
 
 def projection_shapes(ckpt: c.Checkpoint, budget: str) -> dict[str, tuple[int, int, int, int]]:
-    """name -> (N, K) of the budget and (N, K) of the parent matrix it is sliced from."""
-    info, b = ckpt.info, ckpt.budget(budget)
-    hd, h, ph = info["head_dim"], b["hidden_size"], info["hidden_size"]
-    q, kv = b["num_attention_heads"] * hd, b["num_key_value_heads"] * hd
-    pq, pkv = info["num_attention_heads"] * hd, info["num_key_value_heads"] * hd
-    inter, pinter = _max_inter(b["intermediate_size"]), info["intermediate_size"]
-    return {
-        "qkv": (q + 2 * kv, h, pq + 2 * pkv, ph),
-        "o_proj": (h, q, ph, pq),
-        "gate_up": (2 * inter, h, 2 * pinter, ph),
-        "down": (h, inter, ph, pinter),
+    """name -> (N, K) of the budget's standalone layer 0 and of the parent's, from the
+    family's slice declaration (the shapes of the sliced checkpoint)."""
+    from vllm_elastic.checkpoint import load_elastic_config
+
+    cfg = load_elastic_config(ckpt.path)
+    spec = cfg.elastic_spec
+    slices = cfg.family.slices
+
+    def shapes(name: str) -> dict[str, tuple[int, ...]]:
+        return slices.shapes(cfg, spec.parent, spec.get(name), padded=True)
+
+    mine, parent = shapes(budget), shapes(spec.full.name)
+    layer = slices.layer_prefix.format(i=0)
+
+    def nk(table: dict, *names: str) -> tuple[int, int]:
+        rows = sum(table[layer + n][0] for n in names)
+        return rows, table[layer + names[0]][1]
+
+    groups = {
+        "qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "o_proj": ("self_attn.o_proj.weight",),
+        "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+        "down": ("mlp.down_proj.weight",),
     }
-
-
-def elastic_points(ckpt: c.Checkpoint, name: str) -> list[tuple[int, int]]:
-    """Every budget's (N, K) of projection ``name`` as the elastic model stores it (qkv
-    rows hold the parent's full K/V for every budget)."""
-    info, hd = ckpt.info, ckpt.info["head_dim"]
-    pkv = info["num_key_value_heads"] * hd
-    points = []
-    for budget in ckpt.budgets:
-        n, k, _, _ = projection_shapes(ckpt, budget)[name]
-        if name == "qkv":
-            kv = ckpt.budget(budget)["num_key_value_heads"] * hd
-            n = n - 2 * kv + 2 * pkv
-        points.append((n, k))
-    return points
-
-
-def _max_inter(value: int | str) -> int:
-    return int(str(value).split("-")[-1])
+    return {name: (*nk(mine, *ns), *nk(parent, *ns)) for name, ns in groups.items()}
 
 
 def _time(fn: Any, *args: Any, reps: int, blocks: int = 5) -> float:
@@ -105,7 +112,9 @@ def _time(fn: Any, *args: Any, reps: int, blocks: int = 5) -> float:
     return round(best, 4)
 
 
-def gemm_check(ckpt: c.Checkpoint, budgets: list[str], batches: tuple[int, ...]) -> list[dict]:
+def gemm_check(
+    ckpt: c.Checkpoint, budgets: list[str], batches: tuple[int, ...], layer_points_of: dict
+) -> list[dict]:
     """ms per projection: F.linear (contiguous / sliced view) vs vLLM's oneDNN GEMM."""
     import torch
     import torch.nn.functional as F
@@ -120,10 +129,10 @@ def gemm_check(ckpt: c.Checkpoint, budgets: list[str], batches: tuple[int, ...])
             view = parent[:n, :k]
             dense = view.contiguous()
             handler = ops.create_onednn_mm(dense.t(), 32)
-            points = elastic_points(ckpt, name)
+            points = layer_points_of[name]
             en = points[ckpt.budgets.index(b)][0]
             nested = NestedLinear(points)
-            nested.pack(torch.randn(max(p[0] for p in points), pk), None, "nested")
+            nested.pack(torch.randn(max(p[0] for p in points if p), pk), None, "nested")
             runs = [(ckpt.budgets.index(b), 0)]
             for m in batches:
                 x = torch.randn(m, k)
@@ -213,8 +222,8 @@ def main() -> None:
     if settings.quick and not args.budgets:
         budgets = budgets[:1]
     work = c.Workload(4, 8, 2) if settings.quick else c.Workload(32, 32, 16)
-    prof = profile_engines(ckpt, budgets, work)
-    gemm = gemm_check(ckpt, budgets, (4, 64) if settings.quick else (1, 4, 16, 64, 2048))
+    prof, points = profile_engines(ckpt, budgets, work)
+    gemm = gemm_check(ckpt, budgets, (4, 64) if settings.quick else (1, 4, 16, 64, 2048), points)
     sections = tables(prof, gemm)
     print("\n\n".join(sections))
     intro = (

@@ -123,7 +123,7 @@ def test_switch_position_and_mixed_policies_in_one_batch(
 def test_answer_budget_starts_at_the_marker(switch_llm, think_prompts, monkeypatch):
     """White-box: every token fed at or after the marker's position ran at the answer
     budget, every earlier token at the thinking budget."""
-    from vllm_elastic.control.batch_state import ElasticBatchState
+    from vllm_elastic.models.batch_state import ElasticBatchState
 
     seen: list[tuple[np.ndarray, np.ndarray]] = []
     real = ElasticBatchState.token_budgets
@@ -286,7 +286,7 @@ def test_switch_is_detected_from_fed_input_ids_alone(switch_llm, think_prompts, 
     llm = switch_llm()
     want = run(llm, prompts_, extra, thinks, 20)
     confirmed = []
-    state = llm.apply_model(lambda model: model._batch_state())[0]
+    state = llm.apply_model(lambda model: model.router._batch_state())[0]
     real_confirm = state.on_fed
     processor = real_confirm.__self__
 

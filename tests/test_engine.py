@@ -136,11 +136,11 @@ def test_usage_of_every_choice_offline(elastic_llm, prompts):
 def test_a_missing_budget_tracker_fails_loudly(checkpoint, engines, prompts):
     """Without its budget logits processor the model cannot know any request's budget:
     it raises instead of running every request at the full budget."""
-    from vllm_elastic.control import batch_state
     from vllm_elastic.errors import ElasticStateError
+    from vllm_elastic.models import batch_state
 
     llm = engines.get(("elastic-no-tracker",), checkpoint(NAME))
-    llm.apply_model(lambda model: setattr(model, "_state", None))
+    llm.apply_model(lambda model: setattr(model.router, "_state", None))
     saved = dict(batch_state._STATES)
     batch_state._STATES.clear()
     try:

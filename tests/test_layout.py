@@ -14,13 +14,16 @@ from vllm_elastic.spec.layout import (
 )
 
 PARENT = ParentShape(
-    hidden_size=64,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=4,
-    intermediate_size=96,
-    num_hidden_layers=2,
+    sizes={
+        "hidden_size": 64,
+        "num_key_value_heads": 4,
+        "num_attention_heads": 8,
+        "intermediate_size": 96,
+    },
+    layer_kinds=("decoder",) * 2,
+    tp_sharded=("num_key_value_heads", "intermediate_size"),
 )
+HEAD_DIM = 4
 
 
 @pytest.mark.parametrize("tp,kv_keep", [(1, 1), (1, 3), (2, 2), (2, 4), (4, 4)])
@@ -32,7 +35,7 @@ def test_kv_prefix_is_a_per_rank_prefix(tp, kv_keep):
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_q_rows_follow_their_kv_group(tp):
-    hd, group = PARENT.head_dim, PARENT.group_size
+    hd, group = HEAD_DIM, PARENT.group_size
     for r in range(tp):
         q_rows = q_rows_of_rank(8, 4, hd, tp, r).view(-1, group, hd)
         kv_rows = kv_rows_of_rank(4, hd, tp, r).view(-1, hd)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_elastic.models.elastic import _windows
+from vllm_elastic.models.layers.mlp import windows as _windows
 from vllm_elastic.models.nested_linear import NestedLinear, onednn_available
 
 POINTS = [(96, 48), (64, 32), (160, 80), (64, 32)]  # budget -> (n, k); budget 3 = budget 1

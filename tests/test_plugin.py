@@ -51,7 +51,7 @@ def test_the_v2_loader_would_reject_our_processor():
 
 def _runner_config(elastic: bool, **extra):
     """A stand-in with what ``VllmConfig.use_v2_model_runner`` reads."""
-    from vllm_elastic.spec.hf_configs import ElasticLlamaConfig
+    from vllm_elastic.spec.families.llama import ElasticLlamaConfig
 
     hf = ElasticLlamaConfig(elastic={"budgets": [{"name": "full"}]}) if elastic else object()
     return types.SimpleNamespace(

@@ -25,8 +25,9 @@ def test_chain_is_packed_once_as_nested_shells(elastic_llm):
     llm = elastic_llm(CHAIN)
 
     def inspect(model):
-        layer = model.layers[0]
-        plain = sum(getattr(layer, f"{n}_weight").numel() for n in ("qkv", "o", "gate_up", "down"))
+        attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+        weights = (attn.qkv_weight, attn.o_weight, mlp.up_weight, mlp.down_weight)
+        plain = sum(w.numel() for w in weights)
         return model.weight_packing, model.packed_weight_bytes(), plain
 
     packing, packed, plain = llm.apply_model(inspect)[0]
@@ -93,7 +94,7 @@ def test_mlp_windows_match_the_sliced_checkpoints(packing, reference, elastic_ll
     refs = {b: reference(CHAIN, b) for b in budget_names(CHAIN)}
     options = {"weight_packing": packing, "mlp_window": 5}
     llm = elastic_llm(CHAIN, additional_config={"elastic": options})
-    assert llm.apply_model(lambda model: model.layers[0].mlp_window)[0] == 5
+    assert llm.apply_model(lambda model: model.layers[0].mlp.mlp_window)[0] == 5
     batch, extra, max_tokens, want = _mixed_batch(CHAIN, refs, prompts)
     got = greedy(llm, batch, extra, max_tokens)
     for k, (g, w) in enumerate(zip(got, want)):

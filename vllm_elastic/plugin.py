@@ -17,11 +17,9 @@ from vllm_elastic import compat
 from vllm_elastic.control.logits_processor import FQCN as LOGITS_PROCESSOR
 from vllm_elastic.control.scheduler import FQCN as SCHEDULER
 from vllm_elastic.log import get_logger
-from vllm_elastic.spec.hf_configs import FAMILIES
+from vllm_elastic.spec.families import all_families
 
 logger = get_logger(__name__)
-
-MODEL_MODULE = "vllm_elastic.models.elastic"
 
 
 def _scheduler_qualname(cls: Any) -> str:
@@ -88,10 +86,11 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    for model_type, (config_cls, arch, _, _) in FAMILIES.items():
-        AutoConfig.register(model_type, config_cls, exist_ok=True)
+    for family in all_families():
+        AutoConfig.register(family.model_type, family.config_cls, exist_ok=True)
+        arch = family.elastic_arch
         if arch not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(arch, f"{MODEL_MODULE}:{arch}")
+            ModelRegistry.register_model(arch, f"{family.model_module}:{arch}")
         MODELS_CONFIG_MAP[arch] = ElasticModelConfig
     if not compat.supported():
         logger.warning(

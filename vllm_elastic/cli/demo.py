@@ -66,8 +66,8 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from vllm_elastic.checkpoint import budget_report
-    from vllm_elastic.cli.main import format_report
+    from vllm_elastic.checkpoint import budget_report, load_elastic_config
+    from vllm_elastic.cli.report_format import format_report
     from vllm_elastic.control.usage import elastic_usage, merge_usages
 
     model = ensure_model(args.model_dir, args.preset, args.dtype)
@@ -112,7 +112,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
 
     chat = _prompts(tokenizer, args.num_prompts, chat=True)
-    small, full = names[-1], names[0]
+    spec = load_elastic_config(model).elastic_spec
+    small, full = spec.smallest.name, spec.full.name
     policies = [
         (f"{full} throughout", {"elastic_budget": full}),
         (f"{small} throughout", {"elastic_budget": small}),

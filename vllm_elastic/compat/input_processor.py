@@ -12,7 +12,7 @@ import weakref
 from typing import Any
 
 from vllm_elastic.compat.patching import wrap
-from vllm_elastic.spec.hf_configs import is_elastic_config
+from vllm_elastic.spec.families import is_elastic_config
 
 _PREPARERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _NOT_ELASTIC = object()

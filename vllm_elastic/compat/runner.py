@@ -17,7 +17,7 @@ from typing import Any
 
 from vllm_elastic.compat.patching import wrap
 from vllm_elastic.errors import ElasticConfigError
-from vllm_elastic.spec.hf_configs import is_elastic_config
+from vllm_elastic.spec.families import is_elastic_config
 
 ENV = "VLLM_USE_V2_MODEL_RUNNER"
 

@@ -21,7 +21,7 @@ from vllm_elastic.compat.outputs import group_of
 from vllm_elastic.compat.patching import wrap
 from vllm_elastic.control.frontend import validate_request_args
 from vllm_elastic.control.usage import UsageGroup, merge_usages
-from vllm_elastic.spec.hf_configs import is_elastic_config
+from vllm_elastic.spec.families import is_elastic_config
 
 _BOX: contextvars.ContextVar[list[UsageGroup] | None] = contextvars.ContextVar(
     "vllm_elastic_usage_box", default=None

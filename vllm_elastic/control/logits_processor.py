@@ -23,10 +23,10 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from vllm_elastic.compat import install_worker_hooks
-from vllm_elastic.control.batch_state import ElasticBatchState, register_state
 from vllm_elastic.control.markers import ThinkMarkers
 from vllm_elastic.control.schedule import Resolved, _ends_at, budget_changes
 from vllm_elastic.errors import ElasticStateError
+from vllm_elastic.models.batch_state import ElasticBatchState, register_state
 
 FQCN = f"{__name__}:ElasticBudgetLogitsProcessor"
 

@@ -29,7 +29,7 @@ from vllm_elastic.control.markers import ends_with
 from vllm_elastic.control.schedule import Resolved
 from vllm_elastic.log import get_logger
 from vllm_elastic.spec.engine_options import engine_options
-from vllm_elastic.spec.hf_configs import is_elastic_config
+from vllm_elastic.spec.families import is_elastic_config
 
 logger = get_logger(__name__)
 FQCN = f"{__name__}.ElasticScheduler"

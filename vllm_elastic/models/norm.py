@@ -36,3 +36,13 @@ def fused_add_rms_norm(
         cpu_kernels.fused_add_rms_norm_(x, residual, w, eps)
         return x, residual
     return ir.ops.fused_add_rms_norm(x, residual, w, eps)
+
+
+def add_norm(
+    weight: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm: ``(rms_norm(x + residual), x + residual)`` (``residual`` None: the
+    first layer, whose input is the residual)."""
+    if residual is None:
+        return rms_norm(x, weight, eps), x
+    return fused_add_rms_norm(x, residual, weight, eps)

@@ -12,61 +12,55 @@ A checkpoint's ``config.json`` carries an ``elastic`` section::
       ]
     }
 
-Every axis a budget leaves out keeps the parent's size. Each budget is a prefix slice of
-the parent on each axis:
-
-* ``hidden_size``: the first ``hidden_size`` embedding channels (embedding columns, norm
-  weights, every matrix's hidden rows/columns, lm_head columns).
-* ``num_key_value_heads`` (KV heads, default: the parent's): KV heads ``0..kv-1``.
-* ``num_attention_heads`` (query heads): within each kept KV head ``g``'s group, its first
-  ``q/kv`` query heads, i.e. parent query heads ``g*G + i`` for ``i < q/kv`` where
-  ``G = parent_q / parent_kv``. With ``q/kv == G`` this is the plain prefix ``0..q-1``.
-* ``intermediate_size``: one value or one per (parent) layer; the first channels of
-  gate/up (rows) and down (columns).
-* ``layers``: the parent layer indices that run (importance-ranked depth, not a prefix);
-  a skipped layer passes the residual stream through unchanged.
+Every field a budget leaves out keeps the parent's size; the fields a family accepts and
+how each slices the weights are in ``spec/axes.py`` and ``spec/families/``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_elastic.errors import ElasticConfigError
+from vllm_elastic.errors import ElasticConfigError, UnknownBudgetError, short
+from vllm_elastic.spec.axes import AXES, LAYERS, Axis
 
 
 @dataclass(frozen=True)
 class ParentShape:
-    """The sizes of the full (parent) model on every elastic axis."""
+    """The parent's size on every elastic axis its family has, and its layer kinds."""
 
-    hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    num_hidden_layers: int
+    sizes: Mapping[str, int]
+    layer_kinds: tuple[str, ...]
+    # fixed group counts of grouped axes (Mamba's n_groups), by field
+    groups: Mapping[str, int] = field(default_factory=dict)
+    # per field: (smallest allowed value, required multiple, why) beyond the axis rules
+    constraints: Mapping[str, tuple[int, int, str]] = field(default_factory=dict)
+    # fields sharded over tensor-parallel ranks (None: the family supports no TP)
+    tp_sharded: tuple[str, ...] | None = ()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_kinds)
+
+    @property
+    def fields(self) -> list[str]:
+        return list(self.sizes)
+
+    def has(self, axis: Axis, layer: int) -> bool:
+        """Whether parent layer ``layer`` has the component of a per-layer axis."""
+        return not axis.layer_kinds or self.layer_kinds[layer] in axis.layer_kinds
+
+    def group_count(self, axis: Axis, budget: Budget | None = None) -> int:
+        if axis.group_axis is not None:
+            source = self.sizes if budget is None else budget.sizes
+            return int(source[axis.group_axis])
+        return self.groups[axis.group_field] if axis.group_field else 1
 
     @property
     def group_size(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> ParentShape:
-        heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        inter = config.intermediate_size
-        if not isinstance(inter, int):
-            raise ElasticConfigError(
-                f"intermediate_size: the parent must have one int, got {inter!r}"
-            )
-        if heads % kv:
-            raise ElasticConfigError(
-                f"num_attention_heads: the parent's {heads} query heads are not a multiple "
-                f"of its {kv} KV heads"
-            )
-        return cls(config.hidden_size, heads, kv, head_dim, inter, config.num_hidden_layers)
+        """Query heads per KV head (attention families)."""
+        return self.sizes["num_attention_heads"] // self.sizes["num_key_value_heads"]
 
 
 @dataclass(frozen=True)
@@ -75,151 +69,175 @@ class Budget:
 
     name: str
     index: int
-    hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_sizes: tuple[int, ...]  # one per parent layer (skipped layers included)
+    sizes: Mapping[str, Any]  # int, or a tuple with one entry per parent layer
     layers: tuple[int, ...]  # kept parent layer indices, ascending
+
+    def size(self, name: str, layer: int | None = None) -> int:
+        value = self.sizes[name]
+        if isinstance(value, tuple):
+            if layer is None:
+                raise ValueError(f"{name} is per layer: give the layer")
+            return value[layer]
+        return value
+
+    def per_layer(self, name: str) -> tuple[int, ...]:
+        value = self.sizes[name]
+        return value if isinstance(value, tuple) else (value,) * len(self.layers)
+
+    def keeps_layer(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def kept(self, name: str, parent: ParentShape, layer: int | None = None) -> list[int]:
+        """Parent component indices this budget keeps on axis ``name``, in order."""
+        axis = AXES[name]
+        n = self.size(name, layer)
+        if axis.group_axis is None and axis.group_field is None:
+            return list(range(n))
+        groups = parent.group_count(axis, self)
+        per_parent_group = parent.sizes[name] // parent.group_count(axis)
+        return [g * per_parent_group + i for g in range(groups) for i in range(n // groups)]
+
+    # conveniences of the attention + MLP families
+    @property
+    def hidden_size(self) -> int:
+        return self.sizes["hidden_size"]
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.sizes["num_attention_heads"]
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.sizes["num_key_value_heads"]
 
     @property
     def group_size(self) -> int:
         """Query heads kept per kept KV head."""
         return self.num_attention_heads // self.num_key_value_heads
 
-    def keeps_layer(self, layer: int) -> bool:
-        return layer in self.layers
+    @property
+    def intermediate_sizes(self) -> tuple[int, ...]:
+        return self.per_layer("intermediate_size")
 
     def kept_query_heads(self, parent: ParentShape) -> list[int]:
-        """Parent query-head indices this budget keeps, in the sliced model's order."""
-        g_parent = parent.group_size
-        return [
-            g * g_parent + i
-            for g in range(self.num_key_value_heads)
-            for i in range(self.group_size)
-        ]
+        return self.kept("num_attention_heads", parent)
 
     def is_full(self, parent: ParentShape) -> bool:
-        return (
-            self.hidden_size == parent.hidden_size
-            and self.num_attention_heads == parent.num_attention_heads
-            and self.num_key_value_heads == parent.num_key_value_heads
-            and all(i == parent.intermediate_size for i in self.intermediate_sizes)
-            and len(self.layers) == parent.num_hidden_layers
-        )
+        if len(self.layers) != parent.num_layers:
+            return False
+        for name, parent_size in parent.sizes.items():
+            value = self.sizes[name]
+            values = value if isinstance(value, tuple) else (value,)
+            if any(v is not None and v != parent_size for v in values):
+                return False
+        return True
 
-    def to_dict(self) -> dict[str, Any]:
-        inter: int | list[int] = list(self.intermediate_sizes)
-        if len(set(self.intermediate_sizes)) == 1:
-            inter = self.intermediate_sizes[0]
-        return {
-            "name": self.name,
-            "hidden_size": self.hidden_size,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "intermediate_size": inter,
-            "layers": list(self.layers),
-        }
+    def order_key(self, parent: ParentShape) -> tuple[int, ...]:
+        """Sort key: larger budgets (wider, more components and layers) sort later."""
+        key = [self.hidden_size]
+        for name in parent.sizes:
+            value = self.sizes[name]
+            key.append(sum(v or 0 for v in value) if isinstance(value, tuple) else value)
+        return (*key, len(self.layers))
 
 
-_KNOWN_FIELDS = {
-    "name",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "layers",
-}
-
-
-def _positive_int(where: str, field: str, value: Any, limit: int) -> int:
+def _positive_int(where: str, name: str, value: Any, limit: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ElasticConfigError(f"{where}.{field}: expected an int, got {value!r}")
+        raise ElasticConfigError(f"{where}.{name}: expected an int, got {short(value)}")
     if value <= 0:
-        raise ElasticConfigError(f"{where}.{field}: must be positive, got {value}")
+        raise ElasticConfigError(f"{where}.{name}: must be positive, got {value}")
     if value > limit:
-        raise ElasticConfigError(f"{where}.{field}: {value} exceeds the parent's {limit}")
+        raise ElasticConfigError(f"{where}.{name}: {value} exceeds the parent's {limit}")
     return value
+
+
+def _per_layer(where: str, axis: Axis, raw: Any, parent: ParentShape) -> Any:
+    limit = parent.sizes[axis.field]
+    if isinstance(raw, Sequence) and not isinstance(raw, str):
+        n = parent.num_layers
+        if len(raw) != n:
+            raise ElasticConfigError(
+                f"{where}.{axis.field}: a per-layer list needs {n} entries (one per parent "
+                f"layer), got {len(raw)}"
+            )
+        values = []
+        for i, v in enumerate(raw):
+            if v is None and not parent.has(axis, i):
+                values.append(None)
+            else:
+                values.append(_positive_int(where, f"{axis.field}[{i}]", v, limit))
+        return tuple(values)
+    return _positive_int(where, axis.field, raw, limit)
+
+
+def _check_grouping(where: str, axis: Axis, value: int, parent: ParentShape, groups: int) -> None:
+    per_group = parent.sizes[axis.field] // parent.group_count(axis)
+    what = axis.group_axis or axis.group_field
+    if value % groups:
+        raise ElasticConfigError(
+            f"{where}.{axis.field}: {value} is not a multiple of {what}={groups}, so the "
+            "groups would keep different numbers"
+        )
+    if value // groups > per_group:
+        raise ElasticConfigError(
+            f"{where}.{axis.field}: {value} over {groups} groups is {value // groups} per "
+            f"group, more than the parent's {per_group} per group"
+        )
 
 
 def parse_budget(raw: Mapping[str, Any], index: int, parent: ParentShape) -> Budget:
     """Resolve one raw budget entry against the parent shape, or raise ElasticConfigError."""
     where = f"elastic.budgets[{index}]"
     if not isinstance(raw, Mapping):
-        raise ElasticConfigError(f"{where}: expected an object, got {raw!r}")
+        raise ElasticConfigError(f"{where}: expected an object, got {short(raw)}")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise ElasticConfigError(f"{where}.name: expected a non-empty string, got {name!r}")
-    where = f"{where} ({name!r})"
-    unknown = sorted(set(raw) - _KNOWN_FIELDS)
+        raise ElasticConfigError(f"{where}.name: expected a non-empty string, got {short(name)}")
+    where = f"{where} ({short(name)})"
+    known = {"name", LAYERS, *parent.sizes}
+    unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
-        raise ElasticConfigError(
-            f"{where}: unknown field(s) {unknown}; known: {sorted(_KNOWN_FIELDS)}"
-        )
-    hidden = _positive_int(
-        where, "hidden_size", raw.get("hidden_size", parent.hidden_size), parent.hidden_size
-    )
-    kv = _positive_int(
-        where,
-        "num_key_value_heads",
-        raw.get("num_key_value_heads", parent.num_key_value_heads),
-        parent.num_key_value_heads,
-    )
-    default_q = kv * parent.group_size
-    q = _positive_int(
-        where,
-        "num_attention_heads",
-        raw.get("num_attention_heads", default_q),
-        parent.num_attention_heads,
-    )
-    if q % kv:
-        raise ElasticConfigError(
-            f"{where}.num_attention_heads: {q} query heads is not a multiple of "
-            f"num_key_value_heads={kv}, so GQA groups would be uneven"
-        )
-    if q // kv > parent.group_size:
-        raise ElasticConfigError(
-            f"{where}.num_attention_heads: {q} query heads over {kv} KV heads is "
-            f"{q // kv} per group, more than the parent's {parent.group_size} per group"
-        )
-    n_layers = parent.num_hidden_layers
-    raw_inter = raw.get("intermediate_size", parent.intermediate_size)
-    if isinstance(raw_inter, Sequence) and not isinstance(raw_inter, str):
-        if len(raw_inter) != n_layers:
-            raise ElasticConfigError(
-                f"{where}.intermediate_size: a per-layer list needs {n_layers} entries "
-                f"(one per parent layer), got {len(raw_inter)}"
+        raise ElasticConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    sizes: dict[str, Any] = {}
+    for field_name in parent.sizes:  # ordered so group axes come before grouped ones
+        axis = AXES[field_name]
+        if field_name in raw:
+            value = raw[field_name]
+        elif axis.group_axis is not None:  # default: keep the parent's heads per group
+            value = sizes[axis.group_axis] * (
+                parent.sizes[field_name] // parent.sizes[axis.group_axis]
             )
-        inter = tuple(
-            _positive_int(where, f"intermediate_size[{i}]", v, parent.intermediate_size)
-            for i, v in enumerate(raw_inter)
-        )
-    else:
-        one = _positive_int(where, "intermediate_size", raw_inter, parent.intermediate_size)
-        inter = (one,) * n_layers
-    raw_layers = raw.get("layers", list(range(n_layers)))
+        else:
+            value = parent.sizes[field_name]
+        if axis.per_layer:
+            sizes[field_name] = _per_layer(where, axis, value, parent)
+        else:
+            sizes[field_name] = _positive_int(where, field_name, value, parent.sizes[field_name])
+        if axis.group_axis or axis.group_field:
+            groups = sizes[axis.group_axis] if axis.group_axis else parent.group_count(axis)
+            _check_grouping(where, axis, sizes[field_name], parent, groups)
+        if field_name in parent.constraints:
+            low, multiple, why = parent.constraints[field_name]
+            v = sizes[field_name]
+            if v < low or v % multiple:
+                raise ElasticConfigError(f"{where}.{field_name}: {v} {why}")
+    n_layers = parent.num_layers
+    raw_layers = raw.get(LAYERS, list(range(n_layers)))
     if isinstance(raw_layers, str) or not isinstance(raw_layers, Sequence) or not raw_layers:
         raise ElasticConfigError(
-            f"{where}.layers: expected a non-empty list of layer indices, got {raw_layers!r}"
+            f"{where}.layers: expected a non-empty list of layer indices, got {short(raw_layers)}"
         )
     for layer in raw_layers:
         if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ElasticConfigError(f"{where}.layers: {layer!r} is not an int")
+            raise ElasticConfigError(f"{where}.layers: {short(layer)} is not an int")
         if not 0 <= layer < n_layers:
             raise ElasticConfigError(
                 f"{where}.layers: unknown layer index {layer}; the parent has layers "
                 f"0..{n_layers - 1}"
             )
     if len(set(raw_layers)) != len(raw_layers):
-        raise ElasticConfigError(f"{where}.layers: duplicate layer indices in {raw_layers}")
-    return Budget(
-        name=name,
-        index=index,
-        hidden_size=hidden,
-        num_attention_heads=q,
-        num_key_value_heads=kv,
-        intermediate_sizes=inter,
-        layers=tuple(sorted(raw_layers)),
-    )
+        raise ElasticConfigError(f"{where}.layers: duplicate layer indices in {short(raw_layers)}")
+    return Budget(name=name, index=index, sizes=sizes, layers=tuple(sorted(raw_layers)))
 
 
 @dataclass(frozen=True)
@@ -235,10 +253,13 @@ class ElasticSpec:
         return [b.name for b in self.budgets]
 
     def get(self, name: str) -> Budget:
+        """The budget named ``name`` (UnknownBudgetError, listing the budgets, if none)."""
         for budget in self.budgets:
             if budget.name == name:
                 return budget
-        raise KeyError(name)
+        raise UnknownBudgetError(
+            f"budget: {short(name)} is not a budget of this checkpoint; budgets: {self.names}"
+        )
 
     @property
     def full(self) -> Budget:
@@ -248,39 +269,58 @@ class ElasticSpec:
     def default(self) -> Budget:
         return self.get(self.default_budget)
 
+    def by_size(self) -> list[Budget]:
+        """Budgets from the smallest to the full one."""
+        return sorted(self.budgets, key=lambda b: b.order_key(self.parent))
+
+    @property
+    def smallest(self) -> Budget:
+        return self.by_size()[0]
+
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Every sharded axis must split evenly into per-rank prefixes (see layout.py)."""
         if tp_size == 1:
             return
-        p = self.parent
-        if p.num_key_value_heads % tp_size:
+        sharded = self.parent.tp_sharded
+        if sharded is None:
             raise ElasticConfigError(
-                f"num_key_value_heads: the parent's {p.num_key_value_heads} KV heads do not "
-                f"split over tensor_parallel_size={tp_size}"
+                f"tensor_parallel_size={tp_size}: this elastic family runs on one rank only"
             )
-        for b in self.budgets:
-            where = f"elastic budget {b.name!r}"
-            if b.num_key_value_heads % tp_size:
+        for name in sharded:
+            if self.parent.sizes[name] % tp_size:
                 raise ElasticConfigError(
-                    f"{where}.num_key_value_heads: {b.num_key_value_heads} is not a multiple "
-                    f"of tensor_parallel_size={tp_size}"
+                    f"{name}: the parent's {self.parent.sizes[name]} do not split over "
+                    f"tensor_parallel_size={tp_size}"
                 )
-            for layer, inter in enumerate(b.intermediate_sizes):
-                if inter % tp_size:
-                    raise ElasticConfigError(
-                        f"{where}.intermediate_size[{layer}]: {inter} is not a multiple of "
-                        f"tensor_parallel_size={tp_size}"
-                    )
+        for b in self.budgets:
+            for name in sharded:
+                value = b.sizes[name]
+                for layer, v in enumerate(value if isinstance(value, tuple) else (value,)):
+                    if v is not None and v % tp_size:
+                        at = f"[{layer}]" if isinstance(value, tuple) else ""
+                        raise ElasticConfigError(
+                            f"elastic budget {b.name!r}.{name}{at}: {v} is not a multiple of "
+                            f"tensor_parallel_size={tp_size}"
+                        )
 
 
 def parse_elastic_spec(section: Any, parent: ParentShape) -> ElasticSpec:
     """Parse and validate a config's ``elastic`` section; raise ElasticConfigError."""
     if not isinstance(section, Mapping):
-        raise ElasticConfigError(f"elastic: expected an object, got {section!r}")
+        raise ElasticConfigError(f"elastic: expected an object, got {short(section)}")
+    unknown = sorted(
+        str(k) for k in set(section) - {"budgets", "default_budget", "think_start", "think_end"}
+    )
+    if unknown:
+        raise ElasticConfigError(
+            f"elastic: unknown key(s) {unknown}; known: budgets, default_budget, think_start, "
+            "think_end"
+        )
     raw_budgets = section.get("budgets")
     if not isinstance(raw_budgets, Sequence) or isinstance(raw_budgets, str) or not raw_budgets:
         raise ElasticConfigError(
-            f"elastic.budgets: expected a non-empty list of budget objects, got {raw_budgets!r}"
+            "elastic.budgets: expected a non-empty list of budget objects, got "
+            f"{short(raw_budgets)}"
         )
     budgets = tuple(parse_budget(raw, i, parent) for i, raw in enumerate(raw_budgets))
     seen: set[str] = set()
@@ -298,14 +338,6 @@ def parse_elastic_spec(section: Any, parent: ParentShape) -> ElasticSpec:
         default = next(b.name for b in budgets if b.is_full(parent))
     if default not in seen:
         raise ElasticConfigError(
-            f"elastic.default_budget: {default!r} is not a budget; budgets: {sorted(seen)}"
+            f"elastic.default_budget: {short(default)} is not a budget; budgets: {sorted(seen)}"
         )
     return ElasticSpec(parent=parent, budgets=budgets, default_budget=default)
-
-
-def spec_from_hf_config(config: Any) -> ElasticSpec:
-    """The validated ElasticSpec of an HF config object (or raise ElasticConfigError)."""
-    section = getattr(config, "elastic", None)
-    if section is None:
-        raise ElasticConfigError("elastic: the config has no 'elastic' section")
-    return parse_elastic_spec(section, ParentShape.from_hf_config(config))

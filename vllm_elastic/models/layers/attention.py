@@ -1,0 +1,225 @@
+"""Elastic grouped-query attention (Llama / Qwen3 with RoPE, NemotronH without).
+
+One copy of the parent's q/k/v/o weights. Every token writes K/V for every KV head, at
+every budget and also in a layer its budget skips (K/V computed from the residual stream
+it passes through), so a larger budget can attend to them after an in-flight switch.
+A budget keeps its KV groups' query heads; a mixed batch attends at the parent's head
+count and discards the heads a budget drops (kept groups' extra heads are zeroed after
+attention); a batch of one budget on vLLM's CPU backend attends over its own heads only
+(``compat/cpu_attention.py``). Either way a budget's kept heads see exactly the sliced
+model's attention.
+
+Weight layout per tensor-parallel rank (``spec/layout.py``): ``qkv`` rows are
+``[k | v | q]``, q grouped by local KV head, so every budget's rows are a prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.rotary_embedding import get_rope
+
+from vllm_elastic.compat import cpu_attention
+from vllm_elastic.models import scratch
+from vllm_elastic.models.layers.common import row_parallel_out, tp_rank_and_size
+from vllm_elastic.models.nested_linear import NestedLinear
+from vllm_elastic.models.routing import Segment, put, runs, stack, take, widen
+from vllm_elastic.spec.budgets import Budget, ElasticSpec
+from vllm_elastic.spec.layout import kv_rows_of_rank, q_rows_of_rank
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """One budget's attention sizes in one layer, local to this rank."""
+
+    kept: bool
+    hidden: int
+    q_rows: int  # q rows of the kept KV groups (all their heads)
+    kv_groups: int  # kept local KV heads
+    heads_per_group: int  # kept query heads per KV group
+
+
+class ElasticAttention(nn.Module):
+    """q/k/v/o of one layer for every budget at once."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        spec: ElasticSpec,
+        layer: int,
+        prefix: str,
+        *,
+        head_dim: int,
+        rope: bool,
+        qk_norm: bool,
+        bias: bool,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.tp_rank, self.tp_size = tp_rank_and_size()
+        p = spec.parent
+        self.layer = layer
+        self.head_dim = head_dim
+        self.group = p.group_size
+        self.n_q = p.sizes["num_attention_heads"] // self.tp_size
+        self.n_kv = p.sizes["num_key_value_heads"] // self.tp_size
+        self.q_size = self.n_q * head_dim
+        self.kv_size = self.n_kv * head_dim
+        hidden = p.sizes["hidden_size"]
+        self.qkv_weight = nn.Parameter(
+            torch.empty(self.q_size + 2 * self.kv_size, hidden), requires_grad=False
+        )
+        self.o_weight = nn.Parameter(torch.empty(hidden, self.q_size), requires_grad=False)
+        self.qkv_bias = self.o_bias = None
+        if bias:
+            self.qkv_bias = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size))
+            self.o_bias = nn.Parameter(torch.empty(hidden))
+        self.q_norm = RMSNorm(head_dim, eps=eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=eps) if qk_norm else None
+        self.rotary_emb = (
+            get_rope(
+                head_dim,
+                max_position=getattr(config, "max_position_embeddings", 8192),
+                rope_parameters=getattr(config, "rope_parameters", None),
+                is_neox_style=True,
+            )
+            if rope
+            else None
+        )
+        self.attn = Attention(
+            self.n_q,
+            head_dim,
+            head_dim**-0.5,
+            num_kv_heads=self.n_kv,
+            cache_config=vllm_config.cache_config,
+            quant_config=None,
+            prefix=f"{prefix}.attn",
+        )
+        self.cuts = [self._cut(b, p) for b in spec.budgets]
+        kept = [c if c.kept else None for c in self.cuts]
+        kv2 = 2 * self.kv_size
+        self.qkv = NestedLinear([(kv2 + (c.q_rows if c.kept else 0), c.hidden) for c in self.cuts])
+        self.o = NestedLinear([None if c is None else (c.hidden, c.q_rows) for c in kept])
+
+    def _cut(self, b: Budget, parent: Any) -> _Cut:
+        kv_groups = b.num_key_value_heads // self.tp_size
+        return _Cut(
+            kept=b.keeps_layer(self.layer),
+            hidden=b.hidden_size,
+            q_rows=kv_groups * self.group * self.head_dim,
+            kv_groups=kv_groups,
+            heads_per_group=b.group_size,
+        )
+
+    # ----------------------------------------------------------------- weights
+    def load(self, proj: str, kind: str, w: torch.Tensor) -> str:
+        """Copy one HF tensor (``q_proj``/``k_proj``/``v_proj``/``o_proj`` weight or bias,
+        ``q_norm``/``k_norm``) into this rank's layout; returns the parameter's name."""
+        p_heads, p_kv = self.n_q * self.tp_size, self.n_kv * self.tp_size
+        hd, tp, rank = self.head_dim, self.tp_size, self.tp_rank
+        qs, ks = self.q_size, self.kv_size
+        if proj in ("q_norm", "k_norm"):
+            getattr(self, proj).weight.data.copy_(w)
+            return f"{proj}.weight"
+        q_rows = q_rows_of_rank(p_heads, p_kv, hd, tp, rank)
+        if proj == "o_proj":  # input columns per rank; the bias is whole
+            getattr(self, f"o_{kind}").data.copy_(w[:, q_rows] if kind == "weight" else w)
+            return f"o_{kind}"
+        rows = {
+            "k_proj": (slice(0, ks), kv_rows_of_rank(p_kv, hd, tp, rank)),
+            "v_proj": (slice(ks, 2 * ks), kv_rows_of_rank(p_kv, hd, tp, rank)),
+            "q_proj": (slice(2 * ks, 2 * ks + qs), q_rows),
+        }[proj]
+        getattr(self, f"qkv_{kind}").data[rows[0]].copy_(w[rows[1]])
+        return f"qkv_{kind}"
+
+    def pack(self, packing: str) -> dict[str, str]:
+        """Store qkv and o for the forward (``NestedLinear``); packed projections drop
+        their plain parameter. A row-parallel bias is added after the all-reduce."""
+        used = {}
+        for name, bias_in_gemm in (("qkv", True), ("o", self.tp_size == 1)):
+            weight = getattr(self, f"{name}_weight")
+            bias = getattr(self, f"{name}_bias") if bias_in_gemm else None
+            nl: NestedLinear = getattr(self, name)
+            used[name] = nl.pack(weight.data, None if bias is None else bias.data, packing)
+            if used[name] != "views":
+                weight.data = weight.data.new_empty(0)
+        return used
+
+    def linears(self) -> list[NestedLinear]:
+        return [self.qkv, self.o]
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        positions: torch.Tensor,
+        xs: list[torch.Tensor],
+        segments: list[Segment],
+        num_tokens: int,
+    ) -> list[torch.Tensor | None]:
+        """Attention of every segment (``xs``: their normed inputs); returns o_proj's
+        output per segment that keeps the layer, None for one that skips it."""
+        qs, ks = self.q_size, self.kv_size
+        qkv = self.qkv(stack(xs), runs(segments))
+        cut = self.cuts[segments[0].budget]
+        own = (  # one budget that reads fewer KV heads than it writes
+            len(segments) == 1
+            and cut.kept
+            and cut.kv_groups < self.n_kv
+            and cpu_attention.supported(self.attn)
+        )
+        if len(segments) == 1:
+            k, v, q = qkv[:, :ks], qkv[:, ks : 2 * ks], qkv[:, 2 * ks :]
+            if q.shape[1] != qs and not own:  # a skipped layer has no q columns at all
+                q = widen(q, qs)
+        else:
+            q = scratch.buffer("attn.q", num_tokens, qs, qkv)
+            k = qkv.new_empty(num_tokens, ks)
+            v = qkv.new_empty(num_tokens, ks)
+            start = 0
+            for seg in segments:
+                part = qkv[start : start + seg.rows]
+                start += seg.rows
+                put(k, seg.idx, part[:, :ks])
+                put(v, seg.idx, part[:, ks : 2 * ks])
+                rows = self.cuts[seg.budget].q_rows if self.cuts[seg.budget].kept else 0
+                if rows:
+                    put(q[:, :rows], seg.idx, part[:, 2 * ks : 2 * ks + rows])
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
+            k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
+        out = cpu_attention.attend(self.attn, q, k, v, cut.kv_groups) if own else None
+        if out is None:
+            out = self.attn(widen(q, qs) if q.shape[1] != qs else q, k, v)
+        kept = [s for s in segments if self.cuts[s.budget].kept]
+        if not kept:
+            return [None] * len(segments)
+        heads = [self._heads_of(s, out) for s in kept]
+        o = iter(
+            row_parallel_out(
+                self.o(stack(heads), runs(kept)),
+                self.o_bias,
+                kept,
+                [self.cuts[s.budget].hidden for s in kept],
+                self.tp_size,
+            )
+        )
+        return [next(o) if self.cuts[s.budget].kept else None for s in segments]
+
+    def _heads_of(self, seg: Segment, out: torch.Tensor) -> torch.Tensor:
+        """The segment's attention output over its kept heads (dropped heads zeroed)."""
+        cut = self.cuts[seg.budget]
+        attn = take(out, seg.idx)[:, : cut.q_rows]
+        if cut.heads_per_group < self.group:
+            attn = attn.reshape(attn.shape[0], cut.kv_groups, self.group, self.head_dim).clone()
+            attn[:, :, cut.heads_per_group :] = 0
+            attn = attn.view(attn.shape[0], -1)
+        return attn
