@@ -76,6 +76,12 @@ class ElasticModelConfig(VerifyAndUpdateConfig):
                 "elastic": section,
             }
         scheduler_config.scheduler_cls = SCHEDULER
+        # vLLM's own hook of the plain architecture (NemotronH: the SSM cache dtype)
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+        stock = MODELS_CONFIG_MAP.get(model_config.hf_config.family.plain_arch)
+        if stock is not None and stock is not ElasticModelConfig:
+            stock.verify_and_update_config(vllm_config)
         check_v1_runner(vllm_config)
         compat.install_frontend_hooks()
 

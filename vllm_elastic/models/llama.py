@@ -86,9 +86,6 @@ class ElasticLlamaForCausalLM(ElasticForCausalLM):
     def make_layer(self, vllm_config: VllmConfig, layer: int, prefix: str) -> nn.Module:
         return ElasticLlamaDecoderLayer(vllm_config, self.spec, layer, prefix, self.qk_norm)
 
-    def layer_prefix(self) -> str:
-        return "model.layers."
-
 
 class ElasticQwen3ForCausalLM(ElasticLlamaForCausalLM):
     """Elastic Qwen3 (``model_type: elastic_qwen3``), with per-head q/k RMSNorm."""
