@@ -98,6 +98,87 @@ CHECKPOINTS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# NemotronH (Star Elastic's family). "hybrid": every layer kind, odd sizes, budgets that
+# cut every axis (per-layer expert widths, Mamba heads within 3 groups, experts, layers);
+# its reference is transformers. "hybrid_noe": no MoE layer, so stock vLLM runs its slices.
+_HYBRID_COMMON: dict[str, Any] = dict(
+    family="nemotron_h",
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    mamba_head_dim=16,
+    ssm_state_size=16,
+    conv_kernel=4,
+    chunk_size=16,
+)
+CHECKPOINTS["hybrid"] = dict(
+    _HYBRID_COMMON,
+    hybrid_override_pattern="ME*M-E",
+    hidden_size=96,
+    intermediate_size=160,
+    mamba_num_heads=12,
+    n_groups=3,
+    n_routed_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=40,
+    moe_shared_expert_intermediate_size=56,
+    routed_scaling_factor=2.5,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+    seed=4,
+    budgets=[
+        {"name": "full"},
+        {
+            "name": "mid",
+            "hidden_size": 72,
+            "mamba_num_heads": 9,
+            "n_routed_experts": 4,
+            "moe_intermediate_size": [None, 32, None, None, None, 20],
+            "moe_shared_expert_intermediate_size": 40,
+            "intermediate_size": 120,
+        },
+        {
+            "name": "small",
+            "hidden_size": 48,
+            "num_key_value_heads": 1,
+            "num_attention_heads": 2,
+            "mamba_num_heads": 6,
+            "n_routed_experts": 3,
+            "moe_intermediate_size": 24,
+            "moe_shared_expert_intermediate_size": 24,
+            "intermediate_size": 64,
+            "layers": [0, 1, 2, 3, 5],
+        },
+        # one query head of two per KV group, a third of the Mamba heads, no MoE cut
+        {"name": "thin", "num_attention_heads": 2, "mamba_num_heads": 3},
+    ],
+)
+CHECKPOINTS["hybrid_noe"] = dict(
+    _HYBRID_COMMON,
+    hybrid_override_pattern="M*M-M",
+    hidden_size=128,
+    intermediate_size=192,
+    mamba_num_heads=8,
+    n_groups=2,
+    seed=5,
+    budgets=[
+        {"name": "full"},
+        {"name": "mid", "hidden_size": 96, "mamba_num_heads": 6, "intermediate_size": 144},
+        {
+            "name": "small",
+            "hidden_size": 64,
+            "num_key_value_heads": 1,
+            "num_attention_heads": 2,
+            "mamba_num_heads": 4,
+            "intermediate_size": 96,
+            "layers": [0, 1, 2, 4],
+        },
+    ],
+)
+# families whose slices stock vLLM's CPU build runs (NemotronH MoE layers it cannot)
+STOCK_RUNS = [name for name in CHECKPOINTS if name != "hybrid"]
+
 ENGINE_KWARGS: dict[str, Any] = dict(
     dtype="float32",
     max_model_len=512,
@@ -251,6 +332,45 @@ def generate_greedy(
     ]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [o.outputs[0] for o in outs]
+
+
+def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[Any]:
+    """transformers' greedy outputs on a (sliced, plain) checkpoint, in ``greedy``'s form
+    (ids and the top-5 logprobs of every step)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    out = []
+    for prompt in prompts:
+        with torch.no_grad():
+            g = model.generate(
+                torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                do_sample=False, output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        steps = []
+        for logits in g.logits:
+            lp = torch.log_softmax(logits[0].float(), -1)
+            top = lp.topk(5)
+            steps.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+        out.append((g.sequences[0, len(prompt) :].tolist(), steps))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_reference(sliced, prompts):
+    """``hf_reference(name, budget)`` -> transformers' greedy outputs on the sliced
+    checkpoint (REF_MAX_TOKENS per prompt): the reference where stock vLLM cannot run."""
+    cache: dict[tuple[str, str], list[Any]] = {}
+
+    def get(name: str, budget: str) -> list[Any]:
+        if (name, budget) not in cache:
+            cache[(name, budget)] = hf_greedy(sliced(name, budget), prompts, REF_MAX_TOKENS)
+        return cache[(name, budget)]
+
+    return get
 
 
 LOGPROB_ATOL = 1e-4  # fp32; observed differences are ~3e-6

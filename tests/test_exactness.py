@@ -1,19 +1,28 @@
-"""The acceptance test: every budget of the elastic engine equals stock vLLM on the
-checkpoint sliced to that budget (greedy ids exactly, top logprobs within tolerance),
+"""The acceptance test: every budget of the elastic engine equals an independent engine on
+the checkpoint sliced to that budget (greedy ids exactly, top logprobs within tolerance),
 alone and mixed in one batch, with chunked prefill and requests finishing at different
-steps."""
+steps. The independent engine is stock vLLM where its CPU build runs the slice, and
+transformers for NemotronH with MoE layers."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import CHECKPOINTS, assert_same_output, budget_names, greedy
+from conftest import CHECKPOINTS, STOCK_RUNS, assert_same_output, budget_names, greedy
 
 CASES = [(name, b) for name in CHECKPOINTS for b in budget_names(name)]
 
 
+@pytest.fixture(scope="module")
+def oracle(reference, hf_reference):
+    def get(name: str, budget: str):
+        return (reference if name in STOCK_RUNS else hf_reference)(name, budget)
+
+    return get
+
+
 @pytest.mark.parametrize("name,budget", CASES)
-def test_each_budget_alone_matches_sliced_checkpoint(name, budget, reference, elastic_llm, prompts):
-    want = reference(name, budget)
+def test_each_budget_alone_matches_sliced_checkpoint(name, budget, oracle, elastic_llm, prompts):
+    want = oracle(name, budget)
     llm = elastic_llm(name)
     got = greedy(llm, prompts, [{"elastic_budget": budget}] * len(prompts), 12)
     for i, (g, w) in enumerate(zip(got, want)):
@@ -21,11 +30,11 @@ def test_each_budget_alone_matches_sliced_checkpoint(name, budget, reference, el
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_all_budgets_mixed_in_one_batch(name, reference, elastic_llm, prompts):
+def test_all_budgets_mixed_in_one_batch(name, oracle, elastic_llm, prompts):
     """Interleaved budgets and prompt lengths; different max_tokens so rows finish at
     different steps and the persistent batch condenses (rows move)."""
     budgets = budget_names(name)
-    refs = {b: reference(name, b) for b in budgets}
+    refs = {b: oracle(name, b) for b in budgets}
     llm = elastic_llm(name)
     batch, extra, max_tokens, want = [], [], [], []
     for rep in range(2):
@@ -65,3 +74,12 @@ def test_transformers_on_the_sliced_checkpoint_agrees(sliced, elastic_llm, promp
                 torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12
             )
         assert out[0, len(prompt) :].tolist() == ids
+
+
+@pytest.mark.parametrize("budget", budget_names("hybrid_noe"))
+def test_transformers_agrees_with_stock_vllm_on_hybrid_slices(budget, reference, hf_reference):
+    """The two references agree where both run (Mamba-2, attention and MLP layers)."""
+    for i, (hf, stock) in enumerate(
+        zip(hf_reference("hybrid_noe", budget), reference("hybrid_noe", budget))
+    ):
+        assert_same_output(hf, stock, f"hybrid_noe/{budget} prompt {i}")

@@ -44,10 +44,13 @@ def annotate(
     ckpt, out = Path(ckpt_dir).resolve(), Path(out_dir)
     if out.resolve() == ckpt:
         raise ElasticConfigError("annotate: the output folder must differ from the checkpoint")
-    raw = read_config_json(ckpt)
-    family = _family_of_plain(raw.get("model_type"))
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    family = _family_of_plain(read_config_json(ckpt).get("model_type"))
     section = budgets if isinstance(budgets, dict) else read_budgets(budgets)
-    fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")}
+    plain = CONFIG_MAPPING[family.plain_model_type].from_pretrained(ckpt)
+    skip = ("model_type", "architectures", "auto_map", "transformers_version")
+    fields = {k: v for k, v in plain.to_dict().items() if k not in skip}
     config = family.config_cls(**fields, elastic=section, architectures=[family.elastic_arch])
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(ckpt.iterdir()):

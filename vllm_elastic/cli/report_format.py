@@ -33,10 +33,13 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
     header += ["active", "frac", "active frac"] if moe else ["frac"]
     header.insert(-2 if moe else -1, "size")
     table = [header]
+    most = max(r["num_layers"] for r in rows)
     for row in rows:
         line = [row["name"] + (" *" if row["default"] else "")]
-        line += [str(row[a.field]) for a in axes]
-        line.append(f"{row['num_layers']} [{','.join(str(i) for i in row['layers'])}]")
+        line += ["-" if row[a.field] is None else str(row[a.field]) for a in axes]
+        every = row["layers"] == list(range(most))
+        kept = "all" if every else ",".join(str(i) for i in row["layers"])
+        line.append(f"{row['num_layers']} [{kept}]")
         line.append(human_count(row["parameters"]))
         if moe:
             line.append(human_count(row["active_parameters"]))

@@ -54,6 +54,9 @@ class Keep:
     def indices(self, ctx: Ctx) -> list[int]:
         return list(range(self.parent_size(ctx.config)))
 
+    def count(self, ctx: Ctx) -> int:
+        return self.parent_size(ctx.config)
+
     def padded(self, ctx: Ctx) -> int:
         return self.parent_size(ctx.config)
 
@@ -73,11 +76,16 @@ class Units:
         kept = ctx.budget.kept(self.axis, ctx.parent, ctx.layer)
         return [u * w + j for u in kept for j in range(w)]
 
+    def count(self, ctx: Ctx) -> int:
+        return len(ctx.budget.kept(self.axis, ctx.parent, ctx.layer)) * _width(
+            self.width, ctx.config
+        )
+
     def padded(self, ctx: Ctx) -> int:
         """The size in a standalone checkpoint, whose config holds one size per axis:
         a per-layer axis is padded to its widest kept layer."""
         if not AXES[self.axis].per_layer:
-            return len(self.indices(ctx))
+            return self.count(ctx)
         sizes = [
             ctx.budget.size(self.axis, layer)
             for layer in ctx.budget.layers
@@ -104,8 +112,11 @@ class Cat:
             offset += part.parent_size(ctx.config)
         return out
 
+    def count(self, ctx: Ctx) -> int:
+        return sum(p.count(ctx) for p in self.parts)
+
     def padded(self, ctx: Ctx) -> int:
-        return len(self.indices(ctx))
+        return self.count(ctx)
 
     def offsets(self, config: Any) -> list[int]:
         """Where each part starts in the parent dimension."""
@@ -142,7 +153,7 @@ class TensorSpec:
         return tuple(d.parent_size(config) for d in self.dims)
 
     def shape(self, ctx: Ctx, padded: bool = False) -> tuple[int, ...]:
-        return tuple(d.padded(ctx) if padded else len(d.indices(ctx)) for d in self.dims)
+        return tuple(d.padded(ctx) if padded else d.count(ctx) for d in self.dims)
 
     def take(self, tensor: torch.Tensor, ctx: Ctx, padded: bool = False) -> torch.Tensor:
         """The budget's slice of the parent tensor (zero-padded to the standalone size)."""
@@ -206,17 +217,25 @@ class SliceSpec:
             for name, _, spec, ctx in self.entries(config, parent, budget)
         }
 
+    def _counts(
+        self, config: Any, parent: ParentShape, budget: Budget
+    ) -> Iterable[tuple[int, bool]]:
+        """(elements, per routed expert) of every tensor the budget keeps, each routed
+        expert tensor once (multiply by the kept experts)."""
+        for spec in self.global_tensors(config):
+            yield math.prod(spec.shape(Ctx(budget, parent, config))), False
+        for layer in budget.layers:
+            ctx = Ctx(budget, parent, config, layer)
+            for spec in self.layer_tensors(parent.layer_kinds[layer], config):
+                yield math.prod(spec.shape(ctx)), spec.per_expert
+
     def num_parameters(self, config: Any, parent: ParentShape, budget: Budget) -> int:
-        return sum(math.prod(s) for s in self.shapes(config, parent, budget).values())
+        experts = budget.size(self.experts_axis) if self.experts_axis else 0
+        return sum(n * (experts if e else 1) for n, e in self._counts(config, parent, budget))
 
     def num_active_parameters(self, config: Any, parent: ParentShape, budget: Budget) -> int:
         """Parameters one token runs through: routed experts count ``active_experts`` of
         the kept ones (embedding and lm_head included)."""
-        total = 0
-        for _, _, spec, ctx in self.entries(config, parent, budget):
-            n = math.prod(spec.shape(ctx))
-            if spec.per_expert:
-                kept = ctx.budget.size(self.experts_axis)
-                n = n * min(self.active_experts(config), kept) / kept
-            total += n
-        return int(total)
+        experts = budget.size(self.experts_axis) if self.experts_axis else 0
+        active = min(self.active_experts(config), experts) if self.experts_axis else 0
+        return sum(n * (active if e else 1) for n, e in self._counts(config, parent, budget))

@@ -1,0 +1,163 @@
+"""Elastic NemotronH beyond one-budget exactness (``test_exactness.py`` covers each budget
+alone and mixed against transformers and stock vLLM): think -> answer switching in both
+KV modes, prefix caching (vLLM's Mamba ``align`` mode) cold vs warm, preemption.
+
+The end of thinking is forced by vLLM's ``thinking_token_budget``; the hand-built
+reference is transformers: the small sliced model thinks, ``</think>`` is appended, the
+large sliced model continues from prompt + trace.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from conftest import EnginePool, generate_greedy, hf_greedy
+
+NAME = "hybrid"
+THINK, ANSWER = "small", "full"
+POLICY = {"elastic_think_budget": THINK, "elastic_answer_budget": ANSWER}
+REASONING = dict(reasoning_parser="qwen3")
+THINK_TOKENS = (3, 6, 9)
+ANSWER_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def ids(checkpoint) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint(NAME))
+    start, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    return {"start": start, "end": end}
+
+
+@pytest.fixture(scope="module")
+def todo(prompts, ids) -> list[tuple[list[int], int]]:
+    return [(p + [ids["start"]], THINK_TOKENS[i % 3]) for i, p in enumerate(prompts)]
+
+
+def run(llm: Any, prompts, extra, think, max_tokens) -> list[list[int]]:
+    return [list(o.token_ids) for o in generate_greedy(llm, prompts, extra, think, max_tokens)]
+
+
+@pytest.fixture(scope="module")
+def hand_reference(sliced, todo, ids):
+    traces = [hf_greedy(sliced(NAME, THINK), [p], t)[0][0] + [ids["end"]] for p, t in todo]
+    conts = [
+        hf_greedy(sliced(NAME, ANSWER), [p + tr], ANSWER_TOKENS)[0][0]
+        for (p, _), tr in zip(todo, traces)
+    ]
+    return traces, conts
+
+
+@pytest.fixture(scope="module")
+def switch_llm(checkpoint, engines: EnginePool):
+    def get(**overrides: Any) -> Any:
+        key = ("hybrid-switch", tuple(sorted(overrides.items())))
+        return engines.get(key, checkpoint(NAME), **{**REASONING, **overrides})
+
+    return get
+
+
+def test_recompute_equals_small_trace_then_large_continuation(hand_reference, switch_llm, todo):
+    traces, conts = hand_reference
+    extra = [{**POLICY, "elastic_kv_mode": "recompute"}] * len(todo)
+    got = run(switch_llm(), [p for p, _ in todo], extra, [t for _, t in todo], 40)
+    for i, (g, tr, co) in enumerate(zip(got, traces, conts)):
+        want = tr + co
+        assert g[: len(want)] == want, f"prompt {i}: recompute\n got {g}\nwant {want}"
+
+
+def test_reuse_thinks_small_then_answers_large(hand_reference, switch_llm, todo):
+    """reuse: the trace is the small model's; the answer (the large model reading the
+    small model's K/V and Mamba state) is not the small model's answer."""
+    traces, _ = hand_reference
+    llm = switch_llm()
+    prompts_, thinks = [p for p, _ in todo], [t for _, t in todo]
+    got = run(llm, prompts_, [POLICY] * len(todo), thinks, 20)
+    small = run(llm, prompts_, [{"elastic_budget": THINK}] * len(todo), thinks, 20)
+    for i, (g, tr) in enumerate(zip(got, traces)):
+        assert g[: len(tr)] == tr, f"prompt {i}: reuse thinking differs from the small model"
+    assert any(g[len(tr) :] != s[len(tr) :] for g, s, tr in zip(got, small, traces))
+
+
+def _words(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(12, 200) for _ in range(n)]
+
+
+def test_prefix_caching_align_mode_equals_cold(switch_llm, ids):
+    """Mixed policies over shared long prefixes with prefix caching (Mamba states cached at
+    block boundaries): every output equals its cold run, and blocks are reused."""
+    from vllm import SamplingParams
+
+    rng = random.Random(9)
+    llm = switch_llm(enable_prefix_caching=True, block_size=32)
+    bases = [_words(rng, 70 + 29 * i) for i in range(2)]
+    policies = [POLICY, {**POLICY, "elastic_kv_mode": "recompute"}, {"elastic_budget": THINK},
+                {"elastic_budget": ANSWER}, {"elastic_budget": "thin"}]  # fmt: skip
+    jobs = []
+    for k in range(14):
+        prompt = list(bases[k % 2]) + [ids["start"]]
+        if k % 3 == 2:  # a resent transcript with closed thinking
+            prompt += _words(rng, 9) + [ids["end"]] + _words(rng, 5)
+        jobs.append((prompt, policies[k % len(policies)], [None, 4][k % 2]))
+
+    def params(e, t):
+        return SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                              thinking_token_budget=t, extra_args=e)  # fmt: skip
+
+    def one(prompt, e, t, salt):
+        out = llm.generate([{"prompt_token_ids": prompt, "cache_salt": salt}], params(e, t),
+                           use_tqdm=False)[0]  # fmt: skip
+        return list(out.outputs[0].token_ids), out.num_cached_tokens
+
+    cold = [one(p, e, t, f"cold-{k}")[0] for k, (p, e, t) in enumerate(jobs)]
+    hits = 0
+    for k, (p, e, t) in enumerate(jobs):
+        got, hit = one(p, e, t, "warm")
+        hits += hit
+        assert got == cold[k], f"request {k} ({e}) cached != cold"
+    assert hits > 0, "no block was reused"
+
+
+def test_preemption_keeps_outputs(switch_llm, todo):
+    jobs = todo * 3
+    extra = [
+        {**POLICY, "elastic_kv_mode": "recompute" if i % 2 else "reuse"} for i in range(len(jobs))
+    ]
+    prompts_, thinks = [p for p, _ in jobs], [t for _, t in jobs]
+    # outputs long enough to cross a 128-token block: running requests must grow
+    want = run(switch_llm(), prompts_, extra, thinks, 160)
+    small = switch_llm(kv_cache_memory_bytes=10 * 65536, max_num_seqs=8)
+    sched = small.llm_engine.engine_core.engine_core.scheduler
+    count = {"n": 0}
+    real = sched._preempt_request
+
+    def counting(*a, **k):
+        count["n"] += 1
+        return real(*a, **k)
+
+    sched._preempt_request = counting
+    got = run(small, prompts_, extra, thinks, 160)
+    assert count["n"] > len(jobs) // 2, "the small cache did not force preemptions"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"request {i} changed after preemption"
+
+
+def test_annotated_plain_checkpoint_serves_like_the_elastic_one(
+    sliced, engines, elastic_llm, ckpt_root, prompts
+):
+    """``annotate``: the plain parent (the full budget sliced out) plus the budget list
+    serves every budget exactly as the elastic checkpoint does, without copying weights."""
+    from conftest import CHECKPOINTS, budget_names, greedy
+
+    from vllm_elastic.checkpoint import annotate
+
+    names = budget_names(NAME)
+    extra = [{"elastic_budget": names[i % len(names)]} for i in range(len(prompts))]
+    want = greedy(elastic_llm(NAME), prompts, extra, 8)
+    out = annotate(sliced(NAME, "full"), {"budgets": CHECKPOINTS[NAME]["budgets"]},
+                   ckpt_root / "hybrid-annotated")  # fmt: skip
+    got = greedy(engines.get(("annotated",), out), prompts, extra, 8)
+    assert [g[0] for g in got] == [w[0] for w in want]
