@@ -21,5 +21,14 @@ for script in bench_budgets bench_mixed; do
     echo "=== $script --weight-packing per-budget ($((SECONDS - start)) s elapsed)"
     "$PY" "benchmarks/$script.py" "$@" --weight-packing per-budget --out-dir "$VARIANT_DIR"
 done
+# Star Elastic's family: NemotronH (Mamba-2 + attention + MLP; stock vLLM's CPU build cannot
+# run its MoE layers, so the comparison preset has none)
+HYBRID_DIR=benchmarks/results/nemotron_h
+HYBRID_PRESET=hybrid_bench
+[ ${#QUICK[@]} -gt 0 ] && HYBRID_DIR=benchmarks/results/quick/nemotron_h && HYBRID_PRESET=hybrid_quick
+for script in bench_budgets bench_mixed bench_budget_control; do
+    echo "=== $script --preset $HYBRID_PRESET ($((SECONDS - start)) s elapsed)"
+    "$PY" "benchmarks/$script.py" "$@" --preset "$HYBRID_PRESET" --out-dir "$HYBRID_DIR"
+done
 "$PY" benchmarks/summarize.py "${QUICK[@]}"
 echo "=== all done in $((SECONDS - start)) s"

@@ -61,19 +61,22 @@ def memory_rows(data: dict) -> list[tuple]:
     ]
 
 
-def control_rows(data: dict) -> list[tuple]:
+def control_rows(data: dict, label: str = "") -> list[tuple]:
     out = []
     for name, s in data["speedups"].items():
         out.append(
             (
-                f"budget control {name}: speedup vs full (limit {data['flop_limit']})",
+                f"budget control{label} {name}: speedup vs full (limit {data['flop_limit']})",
                 s["speedup_vs_full"],
                 "-",
                 "-",
             )
         )
         verdict = "PASS" if s["pass"] else "FAIL"
-        out.append((f"{name}: fraction of the FLOP limit", s["of_flop_limit"], ">= 0.9", verdict))
+        out.append(
+            (f"{label.strip()} {name}: fraction of the FLOP limit".strip(), s["of_flop_limit"],
+             ">= 0.9", verdict)
+        )  # fmt: skip
     agree = data.get("reuse_vs_recompute")
     if agree is not None:
         for key in ("answers_identical", "first_token_identical", "mean_common_prefix_tokens"):
@@ -106,6 +109,9 @@ SECTIONS = {
 
 VARIANT_SECTIONS = {"budgets": budgets_rows, "mixed": mixed_rows}
 PER_BUDGET_DIR = "per_budget"
+# run_all.sh's NemotronH pass (Star Elastic's family)
+HYBRID_SECTIONS = {"budgets": budgets_rows, "mixed": mixed_rows, "budget_control": control_rows}
+HYBRID_DIR = "nemotron_h"
 
 
 def main() -> None:
@@ -126,6 +132,10 @@ def main() -> None:
         data = load(out_dir / PER_BUDGET_DIR, name)
         if data is not None:
             rows += fn(data, " (per-budget packing)")
+    for name, fn in HYBRID_SECTIONS.items():
+        data = load(out_dir / HYBRID_DIR, name)
+        if data is not None:
+            rows += fn(data, " NemotronH")
     lines = ["# Benchmark summary", ""]
     if meta is not None:
         m = meta["machine"]

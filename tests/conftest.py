@@ -397,3 +397,18 @@ def elastic_llm(checkpoint, engines):
         return engines.get(key, checkpoint(name), **overrides)
 
     return get
+
+
+def count_pressure_preemptions(llm: Any) -> dict[str, int]:
+    """Count the scheduler's preemptions for lack of KV blocks from now on (not the
+    recompute hook's re-prefills, which drop their stale output)."""
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    count = {"n": 0}
+    real = sched._preempt_request
+
+    def counting(request: Any, timestamp: float, drop_stale_output: bool = False) -> None:
+        count["n"] += not drop_stale_output
+        return real(request, timestamp, drop_stale_output)
+
+    sched._preempt_request = counting
+    return count

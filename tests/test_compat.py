@@ -32,7 +32,7 @@ def test_version_gate(monkeypatch):
     ):
         compat.check_supported()
     with pytest.raises(compat.UnsupportedVLLMError):
-        compat.install_frontend_hooks()
+        compat.install_worker_hooks()
 
 
 def test_wrap_once_and_unwrap():

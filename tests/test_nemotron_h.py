@@ -13,7 +13,7 @@ import random
 from typing import Any
 
 import pytest
-from conftest import EnginePool, generate_greedy, hf_greedy
+from conftest import EnginePool, count_pressure_preemptions, generate_greedy, hf_greedy
 
 NAME = "hybrid"
 THINK, ANSWER = "small", "full"
@@ -130,17 +130,9 @@ def test_preemption_keeps_outputs(switch_llm, todo):
     # outputs long enough to cross a 128-token block: running requests must grow
     want = run(switch_llm(), prompts_, extra, thinks, 160)
     small = switch_llm(kv_cache_memory_bytes=10 * 65536, max_num_seqs=8)
-    sched = small.llm_engine.engine_core.engine_core.scheduler
-    count = {"n": 0}
-    real = sched._preempt_request
-
-    def counting(*a, **k):
-        count["n"] += 1
-        return real(*a, **k)
-
-    sched._preempt_request = counting
+    count = count_pressure_preemptions(small)
     got = run(small, prompts_, extra, thinks, 160)
-    assert count["n"] > len(jobs) // 2, "the small cache did not force preemptions"
+    assert count["n"] >= 3, f"the small cache forced {count} preemptions"
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"request {i} changed after preemption"
 

@@ -13,7 +13,7 @@ import random
 from typing import Any
 
 import pytest
-from conftest import EnginePool
+from conftest import EnginePool, count_pressure_preemptions
 
 NAME = "llama_bias"
 THINK, ANSWER = "tiny", "full"
@@ -180,18 +180,10 @@ def test_preemption_with_prefix_caching_equals_cold(cached_llm, ids):
                        thinking_token_budget=t, extra_args=e)
         for _, e, t in jobs
     ]  # fmt: skip
-    sched = small.llm_engine.engine_core.engine_core.scheduler
-    preempted = {"n": 0}
-    real = sched._preempt_request
-
-    def counting(request, *args, **kwargs):
-        preempted["n"] += 1
-        return real(request, *args, **kwargs)
-
-    sched._preempt_request = counting
+    preempted = count_pressure_preemptions(small)
     outs = small.generate(
         [{"prompt_token_ids": p, "cache_salt": "pre"} for p, _, _ in jobs], params, use_tqdm=False
     )
-    assert preempted["n"] > len(jobs) // 2 + 3, preempted  # beyond the recompute switches
+    assert preempted["n"] >= 3, preempted
     for k, (o, w) in enumerate(zip(outs, want)):
         assert list(o.outputs[0].token_ids) == w, f"request {k} ({jobs[k][1]})"

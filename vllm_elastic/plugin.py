@@ -83,7 +83,9 @@ class ElasticModelConfig(VerifyAndUpdateConfig):
         if stock is not None and stock is not ElasticModelConfig:
             stock.verify_and_update_config(vllm_config)
         check_v1_runner(vllm_config)
-        compat.install_frontend_hooks()
+        from vllm_elastic.control.hooks import install_frontend_hooks
+
+        install_frontend_hooks()
 
 
 def register() -> None:

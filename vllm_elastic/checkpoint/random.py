@@ -149,6 +149,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
     },
     # hybrid layers vLLM's CPU build runs stock (no MoE): the NemotronH benchmarks
+    "hybrid_quick": {
+        **_HYBRID_SHAPE,
+        "hybrid_override_pattern": "M*M-",
+        "budgets": [
+            {"name": "full"},
+            {"name": "medium", "hidden_size": 96, "mamba_num_heads": 6, "intermediate_size": 192},
+            {
+                "name": "small",
+                "hidden_size": 64,
+                "num_key_value_heads": 1,
+                "num_attention_heads": 2,
+                "mamba_num_heads": 4,
+                "intermediate_size": 128,
+            },
+        ],
+    },
     "hybrid_bench": {
         **_HYBRID_SHAPE,
         "hybrid_override_pattern": "M-M*M-M-",

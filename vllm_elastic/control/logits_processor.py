@@ -22,7 +22,6 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from vllm_elastic.compat import install_worker_hooks
 from vllm_elastic.control.markers import ThinkMarkers
 from vllm_elastic.control.schedule import Resolved, _ends_at, budget_changes
 from vllm_elastic.errors import ElasticStateError
@@ -51,7 +50,6 @@ class ElasticBudgetLogitsProcessor(LogitsProcessor):
                 "ElasticBudgetLogitsProcessor serves elastic checkpoints only; the plugin "
                 "attaches it to them (do not pass it with --logits-processors)"
             )
-        install_worker_hooks()
         self.spec = hf_config.elastic_spec
         self.index = {b.name: b.index for b in self.spec.budgets}
         self.rows: dict[int, _Row] = {}

@@ -19,6 +19,7 @@ final numbers.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,10 +93,53 @@ class UsageGroup:
         }
 
 
+# request id (the parent's for n > 1) -> usage group, while a choice of it is alive
+_GROUPS: weakref.WeakValueDictionary[str, UsageGroup] = weakref.WeakValueDictionary()
+# RequestOutput -> the usage group of its request
+_OUTPUTS: weakref.WeakKeyDictionary[Any, UsageGroup] = weakref.WeakKeyDictionary()
+
+
+def on_new_request(request: Any, parent_req: Any) -> tuple[UsageGroup, PhaseCounter, str] | None:
+    """A new request (or ``n > 1`` choice) in the frontend: its counter, or None for a
+    request of a non-elastic model (called by ``compat/outputs.py``)."""
+    params = request.sampling_params
+    resolved = Resolved.from_extra_args(params.extra_args if params else None)
+    if resolved is None:
+        return None
+    key = parent_req.request_id if parent_req is not None else request.request_id
+    group = _GROUPS.get(key)
+    if group is None:
+        group = _GROUPS[key] = UsageGroup(resolved)
+    counter = group.child(request.request_id, request.prompt_token_ids or [])
+    return group, counter, request.request_id
+
+
+def on_output(
+    handle: tuple[UsageGroup, PhaseCounter, str],
+    new_token_ids: Sequence[int],
+    aborted: bool,
+    finished: bool,
+    request_output: Any,
+) -> None:
+    """New tokens of a choice: count them; link the output vLLM built to the group."""
+    group, counter, request_id = handle
+    count_tokens(counter, new_token_ids)
+    if finished and group.finish(request_id, aborted):
+        count_request(group)
+    if request_output is not None:
+        _OUTPUTS[request_output] = group
+
+
+def group_of(request_output: Any) -> UsageGroup | None:
+    """The usage group of a RequestOutput (None for a non-elastic model)."""
+    try:
+        return _OUTPUTS.get(request_output)
+    except TypeError:  # not weak-referenceable: not one of ours
+        return None
+
+
 def elastic_usage(request_output: Any) -> dict[str, Any] | None:
     """Tokens per budget of an (offline) ``RequestOutput`` of an elastic model."""
-    from vllm_elastic.compat.outputs import group_of
-
     group = group_of(request_output)
     return None if group is None else group.as_dict()
 

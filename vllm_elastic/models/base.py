@@ -24,6 +24,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
+from vllm_elastic import compat
 from vllm_elastic.compat.logits import sliced_logits
 from vllm_elastic.compat.runner import check_v1_runner
 from vllm_elastic.log import get_logger
@@ -51,6 +52,7 @@ class ElasticForCausalLM(nn.Module):
         self.family = config.family
         self.spec: ElasticSpec = config.elastic_spec
         check_v1_runner(vllm_config)  # this process may see other settings than the frontend
+        compat.install_worker_hooks()
         self.spec.check_tensor_parallel(get_tensor_model_parallel_world_size())
         if get_pp_group().world_size > 1:
             raise NotImplementedError("elastic models do not support pipeline parallelism")

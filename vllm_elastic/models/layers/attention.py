@@ -26,7 +26,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 
 from vllm_elastic.compat import cpu_attention
 from vllm_elastic.models import scratch
-from vllm_elastic.models.layers.common import row_parallel_out, tp_rank_and_size
+from vllm_elastic.models.layers.common import pack_linears, row_parallel_out, tp_rank_and_size
 from vllm_elastic.models.nested_linear import NestedLinear
 from vllm_elastic.models.routing import Segment, put, runs, stack, take, widen
 from vllm_elastic.spec.budgets import Budget, ElasticSpec
@@ -142,15 +142,14 @@ class ElasticAttention(nn.Module):
     def pack(self, packing: str) -> dict[str, str]:
         """Store qkv and o for the forward (``NestedLinear``); packed projections drop
         their plain parameter. A row-parallel bias is added after the all-reduce."""
-        used = {}
-        for name, bias_in_gemm in (("qkv", True), ("o", self.tp_size == 1)):
-            weight = getattr(self, f"{name}_weight")
-            bias = getattr(self, f"{name}_bias") if bias_in_gemm else None
-            nl: NestedLinear = getattr(self, name)
-            used[name] = nl.pack(weight.data, None if bias is None else bias.data, packing)
-            if used[name] != "views":
-                weight.data = weight.data.new_empty(0)
-        return used
+        o_bias = self.o_bias if self.tp_size == 1 else None
+        return pack_linears(
+            {
+                "qkv": (self.qkv, self.qkv_weight, self.qkv_bias),
+                "o": (self.o, self.o_weight, o_bias),
+            },
+            packing,
+        )
 
     def linears(self) -> list[NestedLinear]:
         return [self.qkv, self.o]

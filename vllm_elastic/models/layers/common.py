@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from vllm.distributed import (
     get_tensor_model_parallel_rank,
@@ -34,3 +36,17 @@ def row_parallel_out(
             part = part + bias[:h]
         parts.append(part)
     return parts
+
+
+def pack_linears(
+    linears: dict[str, tuple[Any, torch.nn.Parameter, torch.nn.Parameter | None]], packing: str
+) -> dict[str, str]:
+    """Store each ``name: (NestedLinear, weight, bias)`` for the forward; a packed
+    projection drops its plain parameter (as vLLM's CPU linears do). Returns the packing
+    each got."""
+    used = {}
+    for name, (nl, weight, bias) in linears.items():
+        used[name] = nl.pack(weight.data, None if bias is None else bias.data, packing)
+        if used[name] != "views":
+            weight.data = weight.data.new_empty(0)
+    return used

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_elastic.compat import mamba
+from vllm_elastic.models.layers.common import pack_linears
 from vllm_elastic.models.nested_linear import NestedLinear
 from vllm_elastic.models.routing import Segment, put, runs, stack, take
 from vllm_elastic.spec.budgets import ElasticSpec
@@ -101,16 +102,13 @@ class ElasticMamba2(nn.Module):
                 "out_proj.bias": "out_bias", "norm.weight": "norm_weight"}[name]  # fmt: skip
 
     def pack(self, packing: str) -> dict[str, str]:
-        used = {}
-        for name, weight, bias in (
-            ("in_proj", self.in_weight, self.in_bias),
-            ("out_proj", self.out_weight, self.out_bias),
-        ):
-            nl: NestedLinear = getattr(self, name)
-            used[name] = nl.pack(weight.data, None if bias is None else bias.data, packing)
-            if used[name] != "views":
-                weight.data = weight.data.new_empty(0)
-        return used
+        return pack_linears(
+            {
+                "in_proj": (self.in_proj, self.in_weight, self.in_bias),
+                "out_proj": (self.out_proj, self.out_weight, self.out_bias),
+            },
+            packing,
+        )
 
     def linears(self) -> list[NestedLinear]:
         return [self.in_proj, self.out_proj]

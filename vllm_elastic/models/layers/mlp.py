@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_elastic.models import scratch
-from vllm_elastic.models.layers.common import row_parallel_out, tp_rank_and_size
+from vllm_elastic.models.layers.common import pack_linears, row_parallel_out, tp_rank_and_size
 from vllm_elastic.models.nested_linear import NestedLinear
 from vllm_elastic.models.routing import Segment, runs, stack
 from vllm_elastic.spec.engine_options import engine_options
@@ -105,16 +105,14 @@ class _ElasticMLP(nn.Module):
         return torch.arange(self.inter)
 
     def pack(self, packing: str) -> dict[str, str]:
-        used = {}
-        for name, bias_in_gemm in (("up", True), ("down", self.tp_size == 1)):
-            weight = getattr(self, f"{name}_weight")
-            bias = getattr(self, f"{name}_bias") if bias_in_gemm else None
-            nl: NestedLinear = getattr(self, name)
-            used[name] = nl.pack(weight.data, None if bias is None else bias.data, packing)
-            if used[name] != "views":
-                weight.data = weight.data.new_empty(0)
-        used[self.up_name] = used.pop("up")
-        return used
+        down_bias = self.down_bias if self.tp_size == 1 else None
+        return pack_linears(
+            {
+                self.up_name: (self.up, self.up_weight, self.up_bias),
+                "down": (self.down, self.down_weight, down_bias),
+            },
+            packing,
+        )
 
     def linears(self) -> list[NestedLinear]:
         return [self.up, self.down]

@@ -33,9 +33,12 @@ class ElasticConfigMixin:
     elastic: dict[str, Any] | None
     family_name: str
 
-    def _validate_elastic(self) -> None:
-        if getattr(self, "elastic", None) is not None:
-            _ = self.elastic_spec
+    def _set_elastic(self, elastic: dict[str, Any] | None) -> None:
+        """Called by each config class's own ``__init__`` (transformers generates one for a
+        config subclass that does not define it, so a mixin ``__init__`` would be lost)."""
+        self.elastic = elastic
+        if elastic is not None:
+            _ = self.elastic_spec  # validates the budgets
 
     @property
     def family(self) -> Family:

@@ -26,8 +26,7 @@ class ElasticLlamaConfig(ElasticConfigMixin, LlamaConfig):
 
     def __init__(self, elastic: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.elastic = elastic
-        self._validate_elastic()
+        self._set_elastic(elastic)
 
 
 class ElasticQwen3Config(ElasticConfigMixin, Qwen3Config):
@@ -38,8 +37,7 @@ class ElasticQwen3Config(ElasticConfigMixin, Qwen3Config):
 
     def __init__(self, elastic: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.elastic = elastic
-        self._validate_elastic()
+        self._set_elastic(elastic)
 
 
 def head_dim(config: Any) -> int:

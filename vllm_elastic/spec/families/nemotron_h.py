@@ -31,8 +31,7 @@ class ElasticNemotronHConfig(ElasticConfigMixin, NemotronHConfig):
 
     def __init__(self, elastic: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.elastic = elastic
-        self._validate_elastic()
+        self._set_elastic(elastic)
 
 
 def pattern(config: Any) -> str:
