@@ -82,6 +82,27 @@ def test_reuse_thinks_small_then_answers_large(hand_reference, switch_llm, todo)
     assert any(g[len(tr) :] != s[len(tr) :] for g, s, tr in zip(got, small, traces))
 
 
+def test_reuse_state_budgets_equal_every_head_written(switch_llm, todo):
+    """Each request writes the Mamba state of its state budget only (reuse: the answer
+    budget's heads, also while thinking; one budget: its own). Outputs equal an engine in
+    which every token writes every head (``full_state``), for every policy, alone and
+    mixed in one batch; the answer budget here is not the full one."""
+    prompts_, thinks = [p for p, _ in todo], [t for _, t in todo]
+    policies = [
+        {"elastic_think_budget": THINK, "elastic_answer_budget": "mid"},
+        {"elastic_think_budget": "thin", "elastic_answer_budget": "mid"},
+        {"elastic_budget": THINK},
+        {**POLICY, "elastic_kv_mode": "recompute"},
+    ]
+    batch = [policies[i % len(policies)] for i in range(len(todo))]
+    want = run(switch_llm(additional_config={"elastic": {"full_state": True}}), prompts_,
+               batch, thinks, 16)  # fmt: skip
+    llm = switch_llm()
+    assert run(llm, prompts_, batch, thinks, 16) == want
+    for i in range(len(todo)):
+        assert run(llm, [prompts_[i]], [batch[i]], [thinks[i]], 16)[0] == want[i], i
+
+
 def _words(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(12, 200) for _ in range(n)]
 

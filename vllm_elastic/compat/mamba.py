@@ -1,11 +1,10 @@
-"""vLLM's Mamba-2 mixer used for its state: cache registration, conv + scan kernels.
+"""vLLM's Mamba-2 state and kernels, for the elastic Mamba layer (``models/layers/mamba2.py``).
 
-The elastic Mamba layer (``models/layers/mamba2.py``) computes its own projections and
-gated norm per budget; it runs vLLM's ``MambaMixer2.conv_ssm_forward`` once per forward
-over every token for the conv and SSM state update (prefill and decode kernels, chunked
-prefill, prefix caching's align mode), which needs the mixer registered as a layer so the
-hybrid KV-cache allocator binds its state. The mixer's own in/out projections and norm are
-dropped (the elastic layer holds that one copy of the weights).
+A ``MambaMixer2`` is built per layer for its state only: it registers as a layer, so the
+hybrid KV-cache allocator sizes and binds its conv and SSM state (prefix caching's align
+mode included); its weights are dropped (the elastic layer holds the one copy, in its own
+head order). ``conv_ssm`` runs vLLM's Mamba-2 kernels (the non-speculative path of
+``MambaMixer2.conv_ssm_forward``) for a prefix of the heads, on views of that state.
 
 On CPU the mixer's prefill-checkpoint KV spec is replaced by the plain Mamba spec: vLLM
 0.32's CPU chunk scan cannot export an intermediate state, so with prefix caching a
@@ -63,33 +62,114 @@ def state_mixer(config: Any, vllm_config: Any, prefix: str) -> Any:
         quant_config=None,
         prefix=prefix,
     )
-    for name in ("in_proj", "out_proj", "norm"):  # the elastic layer owns these weights
+    # the elastic layer owns every weight (in its own head order): keep the state only
+    for name in ("in_proj", "out_proj", "norm", "conv1d", "A", "D", "dt_bias", "conv_weights"):
         delattr(mixer, name)
     return mixer
 
 
-def load_state_params(mixer: Any, name: str, w: torch.Tensor) -> str | None:
-    """Copy ``conv1d.weight|bias``, ``A_log``, ``D`` or ``dt_bias`` into the mixer;
-    returns the mixer parameter's name (None for another tensor)."""
-    if name == "A_log":
-        mixer.A.data.copy_(-torch.exp(w.float()))
-        return "A"
-    if name in ("D", "dt_bias"):
-        getattr(mixer, name).data.copy_(w)
-    elif name == "conv1d.weight":
-        mixer.conv1d.weight.data.copy_(w.reshape(mixer.conv1d.weight.shape))
-    elif name == "conv1d.bias":
-        mixer.conv1d.bias.data.copy_(w)
-    else:
-        return None
-    return name
+def _metadata(mixer: Any) -> Any:
+    from vllm.forward_context import get_forward_context
+
+    meta = get_forward_context().attn_metadata
+    return meta.get(mixer.prefix) if isinstance(meta, dict) else None
 
 
-def conv_ssm(mixer: Any, projected: torch.Tensor, output: torch.Tensor) -> None:
-    """vLLM's conv + SSM over every token of the forward: ``projected`` holds the
-    parent's in_proj layout ``[z | x | B | C | dt]`` (z unread); writes ``output``
-    (``[tokens, heads * head_dim]``) and the layer's state. A profile run writes nothing."""
-    mixer.conv_ssm_forward(projected, output)
+def conv_ssm(
+    mixer: Any,
+    xbc: torch.Tensor,
+    dt: torch.Tensor,
+    out: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    groups: int,
+) -> bool:
+    """Conv + SSM over every token of the forward for the first ``heads`` heads of the
+    elastic layer's head order (``out.shape[1]``), with vLLM's Mamba-2 kernels (the
+    non-speculative path of ``MambaMixer2.conv_ssm_forward``) on views of the layer's
+    state: conv channels ``[B | C | x of those heads]`` and SSM states of those heads.
+
+    ``xbc`` ``[tokens, 2*groups*N + heads*P]``; ``dt`` ``[tokens, heads]``; ``out``
+    ``[tokens, heads, P]`` is written; ``params`` hold ``conv_weight`` ``[channels, K]``,
+    ``conv_bias``, ``A``, ``D``, ``dt_bias`` (already cut to these channels and heads).
+    Head ``j`` reads B/C group ``j % groups``. Returns False in a profile run.
+    """
+    from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
+    from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
+        causal_conv1d_fn,
+        causal_conv1d_update,
+    )
+    from vllm.model_executor.layers.mamba.ops.ssd_combined import (
+        mamba_chunk_scan_combined_varlen,
+    )
+    from vllm.model_executor.layers.mamba.ops.ssu_dispatch import selective_state_update
+
+    md = _metadata(mixer)
+    if md is None:
+        return False
+    heads, head_dim = out.shape[1], out.shape[2]
+    channels = xbc.shape[1]
+    bc = channels - heads * head_dim
+    conv_cache = (
+        mixer.kv_cache[0] if is_conv_state_dim_first() else mixer.kv_cache[0].transpose(-1, -2)
+    )
+    conv_state = conv_cache[:, :channels]
+    ssm_state = mixer.kv_cache[1][:, :heads]
+    weight, bias = params["conv_weight"], params["conv_bias"]
+    nd, np_ = md.num_decode_tokens, md.num_prefill_tokens
+    xbc_d, xbc_p = torch.split(xbc[: nd + np_], [nd, np_])
+    dt_d, dt_p = torch.split(dt[: nd + np_], [nd, np_])
+    out_d, out_p = torch.split(out[: nd + np_], [nd, np_])
+
+    def split(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = y.shape[0]
+        b, c, x = torch.split(y, [bc // 2, bc // 2, heads * head_dim], dim=-1)
+        per_head = heads // groups  # head j = i * groups + g reads group g
+        b = b.reshape(t, groups, -1).repeat(1, per_head, 1)
+        c = c.reshape(t, groups, -1).repeat(1, per_head, 1)
+        return x.reshape(t, heads, head_dim), b, c
+
+    if md.num_prefills > 0:
+        y = causal_conv1d_fn(
+            xbc_p.transpose(0, 1), weight, bias, activation=mixer.activation,
+            conv_states=conv_state, has_initial_state=md.has_initial_states_p,
+            cache_indices=md.state_indices_tensor_p, metadata=md,
+            query_start_loc=md.query_start_loc_p,
+        ).transpose(0, 1)[:np_]  # fmt: skip
+        x, b, c = split(y)
+        initial = None
+        if md.has_initial_states_p is not None and md.prep_initial_states:
+            initial = torch.where(
+                md.has_initial_states_p[:, None, None, None],
+                ssm_state[md.state_indices_tensor_p],
+                0,
+            )
+        states = mamba_chunk_scan_combined_varlen(
+            x, dt_p, params["A"], b, c, chunk_size=md.chunk_size, D=params["D"], z=None,
+            dt_bias=params["dt_bias"], seq_idx=md.seq_idx_p, cu_seqlens=md.query_start_loc_p,
+            cu_chunk_seqlens=md.cu_chunk_seqlen_p, last_chunk_indices=md.last_chunk_indices_p,
+            initial_states=initial, return_intermediate_states=False, dt_softplus=True,
+            dt_limit=(0.0, float("inf")), out=out_p, state_dtype=ssm_state.dtype,
+        )  # fmt: skip
+        ssm_state[md.state_indices_tensor_p] = states
+    if md.num_decodes > 0:
+        y = causal_conv1d_update(
+            xbc_d, conv_state, weight, bias, mixer.activation,
+            conv_state_indices=md.state_indices_tensor_d,
+            num_accepted_tokens=md.num_accepted_tokens, query_start_loc=md.query_start_loc_d,
+            max_query_len=md.state_indices_tensor_d.size(-1),
+        )  # fmt: skip
+        x, b, c = split(y)
+        n_state = b.shape[-1]
+        selective_state_update(
+            ssm_state, x, dt_d[:, :, None].expand(-1, -1, head_dim),
+            params["A"][:, None, None].expand(-1, head_dim, n_state).to(torch.float32),
+            b, c, params["D"][:, None].expand(-1, head_dim),
+            params["dt_bias"][:, None].expand(-1, head_dim), dt_softplus=True,
+            state_batch_indices=md.state_indices_tensor_d,
+            dst_state_batch_indices=md.state_indices_tensor_d, out=out_d,
+            num_accepted_tokens=md.num_accepted_tokens, cu_seqlens=md.query_start_loc_d,
+        )  # fmt: skip
+    return True
 
 
 def hybrid_classmethods() -> dict[str, Any]:

@@ -93,7 +93,16 @@ class ElasticBudgetLogitsProcessor(LogitsProcessor):
             self.index[base],
             [(p, self.index[b]) for p, b in changes],
             watching,
+            self._state_budgets(resolved, base),
         )
+
+    def _state_budgets(self, resolved: Resolved, base: str) -> tuple[int, int]:
+        """The budgets whose recurrent state a row writes: a reuse row's two (its answer
+        reads the state its thinking wrote), else the one it runs at (a recompute pass,
+        one budget)."""
+        if resolved.switches and resolved.kv_mode == "reuse":
+            return self.index[resolved.think], self.index[resolved.answer]
+        return self.index[base], self.index[base]
 
     def _apply_batch_update(self, bu: BatchUpdate) -> None:
         for row in bu.removed:

@@ -6,7 +6,10 @@ Row ``i`` here is row ``i`` of the persistent batch, which is also the order of 
 tokens in the forward.
 
 A row's budget is piecewise constant over positions: ``base`` from position 0, then a
-new budget at each change position (see ``control/schedule.py``).
+new budget at each change position (see ``control/schedule.py``). Its *state budgets*
+are constant: the budgets whose recurrent state (Mamba heads) its tokens must write (a
+``reuse`` row's thinking and answer budgets; one budget otherwise); a recurrent layer
+writes the union of their heads.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class ElasticBatchState:
         self.current = np.full(max_rows, default_budget, dtype=np.int64)
         self.last_change = np.full(max_rows, -1, dtype=np.int64)
         self.base = np.full(max_rows, default_budget, dtype=np.int64)
+        self.state = np.full((max_rows, 2), default_budget, dtype=np.int64)
         self.changes: list[tuple[np.ndarray, np.ndarray] | None] = [None] * max_rows
         # rows whose budget changes at a marker still to come (fed tokens are checked)
         self.pending = np.zeros(max_rows, dtype=bool)
@@ -36,9 +40,15 @@ class ElasticBatchState:
         self.on_fed: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
     def set_row(
-        self, row: int, base: int, changes: Sequence[tuple[int, int]], pending: bool
+        self,
+        row: int,
+        base: int,
+        changes: Sequence[tuple[int, int]],
+        pending: bool,
+        states: tuple[int, int] | None = None,
     ) -> None:
         self.base[row] = base
+        self.state[row] = (base, base) if states is None else states
         if changes:
             pos = np.array([p for p, _ in changes], dtype=np.int64)
             budgets = np.array([b for _, b in changes], dtype=np.int64)
@@ -63,7 +73,7 @@ class ElasticBatchState:
         self.set_row(row, self.default_budget, (), False)
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
-        return (self.current, self.last_change, self.base, self.pending)
+        return (self.current, self.last_change, self.base, self.state, self.pending)
 
     def move(self, src: int, dst: int) -> None:
         for arr in self._arrays():
@@ -72,8 +82,13 @@ class ElasticBatchState:
 
     def swap(self, a: int, b: int) -> None:
         for arr in self._arrays():
-            arr[a], arr[b] = arr[b], arr[a]
+            arr[[a, b]] = arr[[b, a]]
         self.changes[a], self.changes[b] = self.changes[b], self.changes[a]
+
+    def token_states(self, counts: np.ndarray) -> np.ndarray:
+        """``[tokens, 2]``: the state budgets of every token of a forward whose rows have
+        ``counts`` tokens."""
+        return np.repeat(self.state[: len(counts)], counts, axis=0)
 
     def token_budgets(self, counts: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Budget index of every token of a forward whose rows have ``counts`` tokens."""

@@ -60,6 +60,7 @@ class Segment:
     rows: int
     hidden: torch.Tensor
     residual: torch.Tensor | None = None
+    states: tuple[int, ...] = ()  # the state budgets of its tokens (recurrent layers)
 
     def stream(self) -> torch.Tensor:
         """The residual stream a skipped layer passes through."""
@@ -82,6 +83,7 @@ class BudgetRouter:
         self.rank = {b: r for r, b in enumerate(order)}
         self._state: ElasticBatchState | None = None
         self.logit_budgets: np.ndarray | None = None
+        self.token_states: np.ndarray | None = None
 
     def _batch_state(self) -> ElasticBatchState:
         if self._state is None:
@@ -101,7 +103,8 @@ class BudgetRouter:
         self.logit_budgets = None
         counts = row_token_counts()
         if counts is None:  # profile / dummy runs
-            return np.full(num_tokens, self.full_index)
+            self.token_states = np.full((num_tokens, 2), self.full_index)
+            return self.token_states[:, 0]
         state = self._batch_state()
         qsl = np.concatenate([[0], np.cumsum(counts)])
         pos = positions.cpu().numpy()
@@ -111,8 +114,11 @@ class BudgetRouter:
             index = torch.from_numpy(last).to(input_ids.device)
             state.on_fed(pending, input_ids[index].cpu().numpy(), pos[last])
         tb = state.token_budgets(counts, pos)
+        sb = state.token_states(counts)
         if len(tb) < num_tokens:  # padding tokens (no request) run at the full budget
             tb = np.concatenate([tb, np.full(num_tokens - len(tb), self.full_index)])
+            sb = np.concatenate([sb, np.full((num_tokens - len(sb), 2), self.full_index)])
+        self.token_states = sb
         self.logit_budgets = tb[qsl[1:] - 1] if len(counts) else None
         return tb
 
@@ -135,9 +141,15 @@ class BudgetRouter:
     ) -> list[Segment]:
         """The forward's segments, each holding its tokens' embeddings at its width."""
         tb = self.token_budgets(input_ids, positions, embeds.shape[0])
+        sb = self.token_states
         out = []
         for budget, idx in self.groups(tb, embeds.device):
             h = self.spec.budgets[budget].hidden_size
             x = take(embeds, idx)[:, :h].contiguous()
-            out.append(Segment(budget, idx, x.shape[0], x))
+            mine = sb[idx] if isinstance(idx, slice) else sb[idx.cpu().numpy()]
+            if (mine == mine[0, 0]).all():
+                states: tuple[int, ...] = (int(mine[0, 0]),)
+            else:
+                states = tuple(np.unique(mine).tolist())
+            out.append(Segment(budget, idx, x.shape[0], x, states=states))
         return out

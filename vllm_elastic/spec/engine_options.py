@@ -41,6 +41,7 @@ ENGINE_KEYS: dict[str, str] = {
     "think_end_ids": "end-of-thinking marker (token ids)",
     "weight_packing": f"CPU weight storage ({' | '.join(PACKINGS)})",
     "mlp_window": "rows per MLP pass in long prefills (int >= 1)",
+    "full_state": "every token writes the recurrent state of every Mamba head (bool)",
     "base_scheduler_cls": "scheduler the recompute hook wraps (set from --scheduler-cls)",
 }
 
@@ -53,6 +54,7 @@ class EngineOptions:
     markers: dict[str, Any] = field(default_factory=dict)
     weight_packing: str = "auto"
     mlp_window: int = DEFAULT_MLP_WINDOW
+    full_state: bool = False
     base_scheduler_cls: str | None = None
 
 
@@ -83,6 +85,11 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
     window = section.get("mlp_window", DEFAULT_MLP_WINDOW)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ElasticConfigError(f"elastic.mlp_window: expected an int >= 1, got {short(window)}")
+    full_state = section.get("full_state", False)
+    if not isinstance(full_state, bool):
+        raise ElasticConfigError(
+            f"elastic.full_state: expected true or false, got {short(full_state)}"
+        )
     base = section.get("base_scheduler_cls")
     if base is not None and not isinstance(base, str):
         raise ElasticConfigError(
@@ -94,6 +101,7 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         markers=markers,
         weight_packing=packing,
         mlp_window=window,
+        full_state=full_state,
         base_scheduler_cls=base,
     )
 

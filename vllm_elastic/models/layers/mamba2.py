@@ -1,20 +1,26 @@
 """Elastic Mamba-2 (NemotronH's ``M`` layers).
 
 A budget keeps ``h`` heads in each of the parent's ``G`` groups (the first ``h`` of each
-group) and its hidden channels. Per token:
+group) and its hidden channels. The layer stores its heads *rank-major* (head ``i`` of
+every group, then head ``i + 1``: new head ``j = i*G + g`` is parent head ``g*Hg + i``),
+so every budget's heads are a prefix; head ``j`` reads B/C group ``j % G``.
 
-* ``in_proj`` runs at the token's hidden width and produces the parent's rows
-  ``[z | x | B | C | dt]`` for every head. vLLM's conv + SSM then runs once over every
-  token for every head (``compat/mamba.py``): every budget writes the conv and SSM state
-  of every head, also in a layer it skips, so a larger budget finds a valid state after an
-  in-flight think -> answer switch (the Mamba analogue of full-width K/V). Heads are
-  independent, so a budget's own heads get exactly the sliced model's state and output.
-* per budget, the gated RMSNorm runs per group over the kept heads' channels
+* ``in_proj`` rows are ``[B | C | (x_j, dt_j, z_j) for each head j]``: a prefix of rows is
+  B, C and the first heads, so one nested projection serves every budget.
+* Each token writes the conv and SSM state of the heads of its request's *state budget*
+  (the larger of a ``reuse`` request's two budgets, else its own): a small budget's
+  thinking tokens write the state the answer budget reads after the in-flight switch
+  (the Mamba analogue of full-width K/V), while a request that never switches pays only
+  for its own heads. Heads are independent, so a budget's heads get exactly the sliced
+  model's state and output. A token also computes the state heads of its state budget in
+  a layer its budget skips.
+* Per budget, the gated RMSNorm runs per group over the kept heads' channels
   (``y * silu(z)`` normalised over the ``h * head_dim`` channels of each group, as the
-  sliced model's norm does), then ``out_proj`` over the kept channels.
+  sliced model does), then ``out_proj`` over the kept channels (a column prefix).
 
-``out_proj`` columns are stored band-major (band ``c`` = the heads each group gains at the
-``c``-th budget size), so every budget's columns are a prefix for the nested packing.
+The conv + scan is vLLM's (``compat/mamba.py``), once per forward over every token, for
+the forward's widest state (tokens that need fewer heads give zeros to the rest, whose
+state nobody of theirs reads).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from torch import nn
 from vllm_elastic.compat import mamba
 from vllm_elastic.models.layers.common import pack_linears
 from vllm_elastic.models.nested_linear import NestedLinear
-from vllm_elastic.models.routing import Segment, put, runs, stack, take
+from vllm_elastic.models.routing import Segment, put, take
 from vllm_elastic.spec.budgets import ElasticSpec
+from vllm_elastic.spec.engine_options import engine_options
 
 
 class ElasticMamba2(nn.Module):
@@ -45,61 +52,98 @@ class ElasticMamba2(nn.Module):
         self.per_group = self.heads // self.groups
         self.head_dim = config.mamba_head_dim
         self.inner = self.heads * self.head_dim
+        self.bc = 2 * config.n_groups * config.ssm_state_size  # B and C channels
+        self.stride = 2 * self.head_dim + 1  # a head's in_proj rows: x, dt, z
         self.eps = config.layer_norm_epsilon
         hidden = p.sizes["hidden_size"]
-        rows = 2 * self.inner + 2 * config.n_groups * config.ssm_state_size + self.heads
+        rows = self.rows(self.heads)
         self.in_weight = nn.Parameter(torch.empty(rows, hidden), requires_grad=False)
         self.out_weight = nn.Parameter(torch.empty(hidden, self.inner), requires_grad=False)
         self.in_bias = self.out_bias = None
         if config.use_bias:
             self.in_bias = nn.Parameter(torch.empty(rows))
             self.out_bias = nn.Parameter(torch.empty(hidden))
+        conv = self.bc + self.inner
+        self.conv_weight = nn.Parameter(torch.empty(conv, config.conv_kernel), requires_grad=False)
+        self.conv_bias = nn.Parameter(torch.zeros(conv), requires_grad=False)
+        self.A = nn.Parameter(torch.empty(self.heads, dtype=torch.float32), requires_grad=False)
+        self.D = nn.Parameter(torch.empty(self.heads), requires_grad=False)
+        self.dt_bias = nn.Parameter(torch.empty(self.heads), requires_grad=False)
         self.norm_weight = nn.Parameter(torch.empty(self.inner), requires_grad=False)
         self.mixer = mamba.state_mixer(config, vllm_config, prefix)
+        # every token writes every head's state (engine option): the reference of the
+        # per-request state budgets
+        self.full_state = engine_options(vllm_config).full_state
+        self.full_index = spec.full.index
         self.hiddens = [b.hidden_size for b in spec.budgets]
         self.kept = [b.keeps_layer(layer) for b in spec.budgets]
-        self.kept_per_group = [b.size("mamba_num_heads") // self.groups for b in spec.budgets]
-        # bands of heads per group: the distinct kept counts, ascending
-        self.bands = sorted(set(self.kept_per_group) | {self.per_group})
-        self.in_proj = NestedLinear([(rows, h) for h in self.hiddens])
+        self.budget_heads = [b.size("mamba_num_heads") for b in spec.budgets]
+        self.in_proj = NestedLinear(
+            [(self.rows(n), h) for n, h in zip(self.budget_heads, self.hiddens)]
+        )
         self.out_proj = NestedLinear(
             [
-                (h, self.groups * n * self.head_dim) if kept else None
-                for h, n, kept in zip(self.hiddens, self.kept_per_group, self.kept)
+                (h, n * self.head_dim) if kept else None
+                for h, n, kept in zip(self.hiddens, self.budget_heads, self.kept)
             ]
         )
 
+    def rows(self, heads: int) -> int:
+        """in_proj rows of the first ``heads`` heads (B and C included)."""
+        return self.bc + heads * self.stride
+
     # ----------------------------------------------------------------- weights
-    def band_major_channels(self) -> torch.Tensor:
-        """Parent channel of each band-major position (``out_proj`` columns)."""
-        order, start = [], 0
-        for end in self.bands:
-            for g in range(self.groups):
-                for i in range(start, end):
-                    head = g * self.per_group + i
-                    order.extend(range(head * self.head_dim, (head + 1) * self.head_dim))
-            start = end
-        return torch.tensor(order, dtype=torch.long)
+    def parent_heads(self) -> torch.Tensor:
+        """Parent head index of each of the layer's (rank-major) heads."""
+        i, g = torch.arange(self.per_group), torch.arange(self.groups)
+        return (g[None, :] * self.per_group + i[:, None]).reshape(-1)
+
+    def _channels(self, heads: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return (offset + heads[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+
+    def _in_proj_rows(self) -> torch.Tensor:
+        """Parent in_proj row (``[z | x | B | C | dt]``) of each of the layer's rows."""
+        heads, inner = self.parent_heads(), self.inner
+        per_head = torch.cat(
+            [
+                self._channels(heads, inner).view(self.heads, self.head_dim),  # x
+                (2 * inner + self.bc + heads)[:, None],  # dt
+                self._channels(heads).view(self.heads, self.head_dim),  # z
+            ],
+            dim=1,
+        )
+        return torch.cat([torch.arange(2 * inner, 2 * inner + self.bc), per_head.reshape(-1)])
+
+    def _conv_channels(self) -> torch.Tensor:
+        """Parent conv1d channel (``[x | B | C]``) of each of the layer's (``[B | C | x]``)."""
+        x = self._channels(self.parent_heads())
+        return torch.cat([torch.arange(self.inner, self.inner + self.bc), x])
 
     def load(self, name: str, w: torch.Tensor) -> str:
         """One HF tensor of ``mixer.*`` (``in_proj.weight``, ``A_log``, ...) into place."""
-        state = mamba.load_state_params(self.mixer, name, w)
-        if state is not None:
-            return f"mixer.{state}"
-        if name == "out_proj.weight":
-            self.out_weight.data.copy_(w[:, self.band_major_channels()])
-            return "out_weight"
-        target = {
-            "in_proj.weight": self.in_weight,
-            "in_proj.bias": self.in_bias,
-            "out_proj.bias": self.out_bias,
-            "norm.weight": self.norm_weight,
-        }.get(name)
-        if target is None:
+        heads, channels = self.parent_heads(), self._channels(self.parent_heads())
+        if name == "A_log":
+            self.A.data.copy_(-torch.exp(w.float()[heads]))
+            return "A"
+        rows = {
+            "in_proj.weight": ("in_weight", lambda t: t[self._in_proj_rows()]),
+            "in_proj.bias": ("in_bias", lambda t: t[self._in_proj_rows()]),
+            "conv1d.weight": (
+                "conv_weight",
+                lambda t: t.reshape(t.shape[0], -1)[self._conv_channels()],
+            ),
+            "conv1d.bias": ("conv_bias", lambda t: t[self._conv_channels()]),
+            "D": ("D", lambda t: t[heads]),
+            "dt_bias": ("dt_bias", lambda t: t[heads]),
+            "norm.weight": ("norm_weight", lambda t: t[channels]),
+            "out_proj.weight": ("out_weight", lambda t: t[:, channels]),
+            "out_proj.bias": ("out_bias", lambda t: t),
+        }
+        if name not in rows:
             raise KeyError(name)
-        target.data.copy_(w)
-        return {"in_proj.weight": "in_weight", "in_proj.bias": "in_bias",
-                "out_proj.bias": "out_bias", "norm.weight": "norm_weight"}[name]  # fmt: skip
+        param, pick = rows[name]
+        getattr(self, param).data.copy_(pick(w))
+        return param
 
     def pack(self, packing: str) -> dict[str, str]:
         return pack_linears(
@@ -114,6 +158,19 @@ class ElasticMamba2(nn.Module):
         return [self.in_proj, self.out_proj]
 
     # ----------------------------------------------------------------- forward
+    def _state_budget(self, seg: Segment) -> int:
+        """The smallest budget whose in_proj level covers the segment: every head its
+        tokens' state budgets write, at its own hidden width."""
+        if self.full_state:
+            return self.full_index
+        heads = max(self.budget_heads[b] for b in (seg.budget, *seg.states))
+        hidden = self.hiddens[seg.budget]
+        fits = [
+            b for b, (n, h) in enumerate(zip(self.budget_heads, self.hiddens))
+            if n >= heads and h >= hidden
+        ]  # fmt: skip
+        return min(fits, key=lambda b: (self.budget_heads[b], self.hiddens[b]))
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -123,43 +180,69 @@ class ElasticMamba2(nn.Module):
     ) -> list[torch.Tensor | None]:
         """Every segment's state update (``xs``: normed inputs, also of segments that skip
         the layer); returns out_proj's output per kept segment, None for a skipped one."""
-        proj = self.in_proj(stack(xs), runs(segments))
-        if len(segments) > 1:  # back to the forward's token order, as the kernels need it
-            ordered = proj.new_empty(num_tokens, proj.shape[1])
+        states = [self._state_budget(s) for s in segments]
+        heads = max(self.budget_heads[b] for b in states)
+        widen = any(s != seg.budget for s, seg in zip(states, segments))
+        x = _stack(xs, [self.hiddens[b] for b in states] if widen else None)
+        proj = self.in_proj(x, [(b, s.rows) for b, s in zip(states, segments)])
+        width = self.rows(heads)
+        if len(segments) > 1 or proj.shape[1] != width:  # forward token order, one width
+            ordered = proj.new_zeros(num_tokens, width)
             start = 0
-            for seg in segments:
-                put(ordered, seg.idx, proj[start : start + seg.rows])
+            for seg, b in zip(segments, states):
+                n = self.rows(self.budget_heads[b])
+                put(ordered[:, :n], seg.idx, proj[start : start + seg.rows, :n])
                 start += seg.rows
             proj = ordered
-        y = proj.new_empty(num_tokens, self.inner)
-        mamba.conv_ssm(self.mixer, proj, y)
+        per_head = proj[:, self.bc : width].view(num_tokens, heads, self.stride)
+        xbc = torch.cat(
+            [proj[:, : self.bc], per_head[:, :, : self.head_dim].reshape(num_tokens, -1)], 1
+        )
+        y = proj.new_empty(num_tokens, heads, self.head_dim)
+        channels = self.bc + heads * self.head_dim
+        params = {
+            "conv_weight": self.conv_weight[:channels],
+            "conv_bias": self.conv_bias[:channels],
+            "A": self.A[:heads],
+            "D": self.D[:heads],
+            "dt_bias": self.dt_bias[:heads],
+        }
+        dt = per_head[:, :, self.head_dim].contiguous()
+        mamba.conv_ssm(self.mixer, xbc, dt, y, params, self.groups)
         kept = [s for s in segments if self.kept[s.budget]]
         if not kept:
             return [None] * len(segments)
-        gated = [self._gated_norm(take(y, s.idx), take(proj, s.idx), s.budget) for s in kept]
-        out = self.out_proj(stack(gated), runs(kept))
+        z = per_head[:, :, self.head_dim + 1 :]
+        gated = [self._gated_norm(take(y, s.idx), take(z, s.idx), s.budget) for s in kept]
+        out = self.out_proj(_stack(gated, None), [(s.budget, s.rows) for s in kept])
         parts = iter(out.split([s.rows for s in kept]))
         return [
             next(parts)[:, : self.hiddens[s.budget]] if self.kept[s.budget] else None
             for s in segments
         ]
 
-    def _gated_norm(self, y: torch.Tensor, proj: torch.Tensor, budget: int) -> torch.Tensor:
-        """``norm(y * silu(z))`` per group over the budget's kept heads, band-major."""
-        n, t = self.kept_per_group[budget], y.shape[0]
-        shape = (t, self.groups, self.per_group, self.head_dim)
-        y = y.view(shape)[:, :, :n]
-        z = proj[:, : self.inner].reshape(shape)[:, :, :n]
-        w = self.norm_weight.view(self.groups, self.per_group, self.head_dim)[:, :n]
-        x = y * F.silu(z.to(torch.float32))
-        variance = x.pow(2).mean(dim=(2, 3), keepdim=True)
-        x = (x * torch.rsqrt(variance + self.eps)).to(y.dtype) * w
-        if n == self.bands[0]:  # one band: group-major is band-major
-            return x.reshape(t, -1)
-        bands, start = [], 0
-        for end in self.bands:
-            if end > n:
-                break
-            bands.append(x[:, :, start:end].reshape(t, -1))
-            start = end
-        return torch.cat(bands, dim=1)
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor, budget: int) -> torch.Tensor:
+        """``norm(y * silu(z))`` per group over the budget's heads (rank-major: head
+        ``i*G + g`` is in group ``g``), flattened in the layer's head order."""
+        n, t = self.budget_heads[budget], y.shape[0]
+        shape = (t, n // self.groups, self.groups, self.head_dim)
+        x = y[:, :n].reshape(shape) * F.silu(z[:, :n].reshape(shape).to(torch.float32))
+        variance = x.pow(2).mean(dim=(1, 3), keepdim=True)
+        x = (x * torch.rsqrt(variance + self.eps)).to(y.dtype)
+        return x.reshape(t, -1) * self.norm_weight[: n * self.head_dim]
+
+
+def _stack(xs: list[torch.Tensor], widths: list[int] | None) -> torch.Tensor:
+    """Rows of every tensor, one after another; ``widths``: zero-padded to each run's
+    width (a token projected at a wider budget than its own reads zeros past its width)."""
+    if widths is None and len(xs) == 1:
+        return xs[0]
+    width = max(max(x.shape[1] for x in xs), max(widths or [0]))
+    out = (xs[0].new_zeros if widths is not None else xs[0].new_empty)(
+        sum(x.shape[0] for x in xs), width
+    )
+    start = 0
+    for x in xs:
+        out[start : start + x.shape[0], : x.shape[1]] = x
+        start += x.shape[0]
+    return out
