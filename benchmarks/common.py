@@ -62,6 +62,7 @@ RETRIES = 3  # extra timed runs allowed per measurement while all runs were dist
 DEFAULT_QUIET_WAIT_S = 60.0  # longest wait for other processes to go quiet before a run
 QUIET_WAIT_S = DEFAULT_QUIET_WAIT_S
 WEIGHT_PACKING: str | None = None  # --weight-packing: the elastic engines' weight storage
+ELASTIC_OPTIONS: dict[str, Any] = {}  # --elastic-option KEY=VALUE: more engine options
 
 ENGINE_KWARGS: dict[str, Any] = dict(
     dtype="float32",
@@ -116,6 +117,13 @@ def parse_settings(description: str, extra: Any = None) -> tuple[Settings, argpa
         choices=("auto", "nested", "per-budget", "views"),
         help="elastic engines' additional_config elastic.weight_packing (default: auto)",
     )
+    parser.add_argument(
+        "--elastic-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="another additional_config elastic option of the elastic engines (repeatable)",
+    )
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
@@ -130,6 +138,10 @@ def parse_settings(description: str, extra: Any = None) -> tuple[Settings, argpa
     set_threads(settings.threads)
     global RETRIES, QUIET_WAIT_S, WEIGHT_PACKING
     WEIGHT_PACKING = args.weight_packing
+    for item in args.elastic_option:
+        key, _, value = item.partition("=")
+        ELASTIC_OPTIONS[key] = json.loads(value)
+        settings.notes.append(f"elastic option {key}={value}")
     if args.weight_packing:
         settings.notes.append(f"elastic weight packing: {args.weight_packing}")
     if settings.quick:  # quick mode asserts no speed: never wait or retry
@@ -325,14 +337,18 @@ def is_elastic(model: Path | str) -> bool:
 def open_engine(model: Path | str, **overrides: Any) -> Any:
     """An in-process ``vllm.LLM`` with the benchmark defaults (``ENGINE_KWARGS``).
 
-    Elastic checkpoints get ``--weight-packing`` in ``additional_config["elastic"]``.
+    Elastic checkpoints get ``--weight-packing`` and ``--elastic-option`` in
+    ``additional_config["elastic"]``.
     """
     from vllm import LLM
 
     kwargs = {**ENGINE_KWARGS, **overrides}
-    if WEIGHT_PACKING is not None and is_elastic(model):
+    options = dict(ELASTIC_OPTIONS)
+    if WEIGHT_PACKING is not None:
+        options["weight_packing"] = WEIGHT_PACKING
+    if options and is_elastic(model):
         extra = dict(kwargs.get("additional_config") or {})
-        extra["elastic"] = {"weight_packing": WEIGHT_PACKING, **extra.get("elastic", {})}
+        extra["elastic"] = {**options, **extra.get("elastic", {})}
         kwargs["additional_config"] = extra
     return LLM(str(model), **kwargs)
 

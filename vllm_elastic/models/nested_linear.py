@@ -184,6 +184,36 @@ class NestedLinear:
                         y[: rows[c]] += part[:, b0:b1]
         return out
 
+    def narrow(self, x: torch.Tensor, rows_of: int, cols_of: int) -> torch.Tensor:
+        """``x[:, :k] @ W[:n, :k].T (+ bias[:n])`` with ``n`` of budget ``rows_of`` and
+        ``k`` of budget ``cols_of`` (``k`` at most ``rows_of``'s): the rows of a larger
+        budget at a smaller one's input width. ``x`` holds at least ``k`` columns.
+
+        Nested shells run the bands up to ``n`` (inputs zero-padded past ``k``) and only
+        the strips up to ``k``; one packed level, on inputs zero-padded to its width."""
+        top, low = self.level_of[rows_of], self.level_of[cols_of]
+        (n, k_top), k = self.levels[top], self.levels[low][1]
+        if self.packing == "views":
+            bias = None if self.bias is None else self.bias[:n]
+            return F.linear(x[:, :k], self.weight[:n, :k], bias)
+        padded = x.new_zeros(x.shape[0], k_top)
+        padded[:, :k] = x[:, :k]
+        if self.packing == "per-budget" or top == low:
+            return self._one_level(padded, top, None)
+        out = x.new_empty(x.shape[0], n)
+        n0 = 0
+        for c, band in enumerate(self._bands[: top + 1]):
+            if band is not None:
+                n_c, k_c = self.levels[c]
+                out[:, n0:n_c] = band(padded[:, :k_c])
+                n0 = n_c
+        for c in range(1, low + 1):
+            strip = self._strips[c]
+            if strip is not None:
+                k0, k1 = self.levels[c - 1][1], self.levels[c][1]
+                out[:, : strip.n] += strip(padded[:, k0:k1])
+        return out
+
     def _one_level(self, x: torch.Tensor, level: int, out: torch.Tensor | None) -> torch.Tensor:
         n, k = self.levels[level]
         if self.packing == "views":

@@ -34,7 +34,7 @@ from torch import nn
 from vllm_elastic.compat import mamba
 from vllm_elastic.models.layers.common import pack_linears
 from vllm_elastic.models.nested_linear import NestedLinear
-from vllm_elastic.models.routing import Segment, put, take
+from vllm_elastic.models.routing import Segment, put, runs, stack, take
 from vllm_elastic.spec.budgets import ElasticSpec
 from vllm_elastic.spec.engine_options import engine_options
 
@@ -182,18 +182,15 @@ class ElasticMamba2(nn.Module):
         the layer); returns out_proj's output per kept segment, None for a skipped one."""
         states = [self._state_budget(s) for s in segments]
         heads = max(self.budget_heads[b] for b in states)
-        widen = any(s != seg.budget for s, seg in zip(states, segments))
-        x = _stack(xs, [self.hiddens[b] for b in states] if widen else None)
-        proj = self.in_proj(x, [(b, s.rows) for b, s in zip(states, segments)])
         width = self.rows(heads)
-        if len(segments) > 1 or proj.shape[1] != width:  # forward token order, one width
-            ordered = proj.new_zeros(num_tokens, width)
-            start = 0
-            for seg, b in zip(segments, states):
-                n = self.rows(self.budget_heads[b])
-                put(ordered[:, :n], seg.idx, proj[start : start + seg.rows, :n])
-                start += seg.rows
+        proj = self._project(xs, segments, states)
+        if len(segments) > 1 or proj[0].shape[1] != width:  # forward token order, one width
+            ordered = proj[0].new_zeros(num_tokens, width)
+            for seg, part in zip(segments, proj):
+                put(ordered[:, : part.shape[1]], seg.idx, part)
             proj = ordered
+        else:
+            proj = proj[0]
         per_head = proj[:, self.bc : width].view(num_tokens, heads, self.stride)
         xbc = torch.cat(
             [proj[:, : self.bc], per_head[:, :, : self.head_dim].reshape(num_tokens, -1)], 1
@@ -214,12 +211,32 @@ class ElasticMamba2(nn.Module):
             return [None] * len(segments)
         z = per_head[:, :, self.head_dim + 1 :]
         gated = [self._gated_norm(take(y, s.idx), take(z, s.idx), s.budget) for s in kept]
-        out = self.out_proj(_stack(gated, None), [(s.budget, s.rows) for s in kept])
+        out = self.out_proj(stack(gated), runs(kept))
         parts = iter(out.split([s.rows for s in kept]))
         return [
             next(parts)[:, : self.hiddens[s.budget]] if self.kept[s.budget] else None
             for s in segments
         ]
+
+    def _project(
+        self, xs: list[torch.Tensor], segments: list[Segment], states: list[int]
+    ) -> list[torch.Tensor]:
+        """Each segment's in_proj rows of its state budget's heads at its own width: one
+        nested call for the segments whose state is their own budget's, ``narrow`` calls
+        for the others (a reuse request's thinking writes its answer budget's heads)."""
+        own = [i for i, (seg, b) in enumerate(zip(segments, states)) if seg.budget == b]
+        parts: list[torch.Tensor | None] = [None] * len(segments)
+        if own:
+            y = self.in_proj(stack([xs[i] for i in own]), runs([segments[i] for i in own]))
+            start = 0
+            for i in own:
+                n = self.rows(self.budget_heads[segments[i].budget])
+                parts[i] = y[start : start + segments[i].rows, :n]
+                start += segments[i].rows
+        for i, (seg, b) in enumerate(zip(segments, states)):
+            if parts[i] is None:
+                parts[i] = self.in_proj.narrow(xs[i], b, seg.budget)
+        return parts
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor, budget: int) -> torch.Tensor:
         """``norm(y * silu(z))`` per group over the budget's heads (rank-major: head
@@ -230,19 +247,3 @@ class ElasticMamba2(nn.Module):
         variance = x.pow(2).mean(dim=(1, 3), keepdim=True)
         x = (x * torch.rsqrt(variance + self.eps)).to(y.dtype)
         return x.reshape(t, -1) * self.norm_weight[: n * self.head_dim]
-
-
-def _stack(xs: list[torch.Tensor], widths: list[int] | None) -> torch.Tensor:
-    """Rows of every tensor, one after another; ``widths``: zero-padded to each run's
-    width (a token projected at a wider budget than its own reads zeros past its width)."""
-    if widths is None and len(xs) == 1:
-        return xs[0]
-    width = max(max(x.shape[1] for x in xs), max(widths or [0]))
-    out = (xs[0].new_zeros if widths is not None else xs[0].new_empty)(
-        sum(x.shape[0] for x in xs), width
-    )
-    start = 0
-    for x in xs:
-        out[start : start + x.shape[0], : x.shape[1]] = x
-        start += x.shape[0]
-    return out

@@ -6,6 +6,7 @@ Axes: hidden channels, KV heads, query heads (within each kept KV group), MLP ch
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from transformers import LlamaConfig, Qwen3Config
@@ -15,7 +16,6 @@ from vllm_elastic.spec.families import ElasticConfigMixin, Family, register_fami
 from vllm_elastic.spec.slicing import Keep, SliceSpec, TensorSpec, Units
 
 LAYER_KIND = "decoder"
-PARENT_FIELDS = ("hidden_size", "num_key_value_heads", "num_attention_heads", "intermediate_size")
 
 
 class ElasticLlamaConfig(ElasticConfigMixin, LlamaConfig):
@@ -154,16 +154,13 @@ LLAMA = register_family(
     )
 )
 QWEN3 = register_family(
-    Family(
+    replace(
+        LLAMA,
         name="qwen3",
         model_type="elastic_qwen3",
         config_cls=ElasticQwen3Config,
         elastic_arch="ElasticQwen3ForCausalLM",
         plain_arch="Qwen3ForCausalLM",
         plain_model_type="qwen3",
-        parent_shape=parent_shape,
-        slices=SLICES,
-        plain_fields=plain_fields,
-        model_module="vllm_elastic.models.llama",
     )
 )
