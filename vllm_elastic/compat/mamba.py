@@ -17,6 +17,7 @@ Also: the hybrid-model classmethods (state shapes, dtypes, copy functions) of vL
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -82,6 +83,7 @@ def conv_ssm(
     out: torch.Tensor,
     params: dict[str, torch.Tensor],
     groups: int,
+    token_heads: list[tuple[int, slice | torch.Tensor]] | None = None,
 ) -> bool:
     """Conv + SSM over every token of the forward for the first ``heads`` heads of the
     elastic layer's head order (``out.shape[1]``), with vLLM's Mamba-2 kernels (the
@@ -91,7 +93,9 @@ def conv_ssm(
     ``xbc`` ``[tokens, 2*groups*N + heads*P]``; ``dt`` ``[tokens, heads]``; ``out``
     ``[tokens, heads, P]`` is written; ``params`` hold ``conv_weight`` ``[channels, K]``,
     ``conv_bias``, ``A``, ``D``, ``dt_bias`` (already cut to these channels and heads).
-    Head ``j`` reads B/C group ``j % groups``. Returns False in a profile run.
+    Head ``j`` reads B/C group ``j % groups``. ``token_heads``: ``(heads, token index)``
+    per group of tokens; decode tokens of a group that needs fewer heads update only those
+    (prefill tokens run at every head of ``out``). Returns False in a profile run.
     """
     from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
     from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
@@ -120,7 +124,7 @@ def conv_ssm(
     dt_d, dt_p = torch.split(dt[: nd + np_], [nd, np_])
     out_d, out_p = torch.split(out[: nd + np_], [nd, np_])
 
-    def split(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split(y: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = y.shape[0]
         b, c, x = torch.split(y, [bc // 2, bc // 2, heads * head_dim], dim=-1)
         per_head = heads // groups  # head j = i * groups + g reads group g
@@ -135,7 +139,7 @@ def conv_ssm(
             cache_indices=md.state_indices_tensor_p, metadata=md,
             query_start_loc=md.query_start_loc_p,
         ).transpose(0, 1)[:np_]  # fmt: skip
-        x, b, c = split(y)
+        x, b, c = split(y, heads)
         initial = None
         if md.has_initial_states_p is not None and md.prep_initial_states:
             initial = torch.where(
@@ -152,24 +156,59 @@ def conv_ssm(
         )  # fmt: skip
         ssm_state[md.state_indices_tensor_p] = states
     if md.num_decodes > 0:
-        y = causal_conv1d_update(
-            xbc_d, conv_state, weight, bias, mixer.activation,
-            conv_state_indices=md.state_indices_tensor_d,
-            num_accepted_tokens=md.num_accepted_tokens, query_start_loc=md.query_start_loc_d,
-            max_query_len=md.state_indices_tensor_d.size(-1),
-        )  # fmt: skip
-        x, b, c = split(y)
-        n_state = b.shape[-1]
-        selective_state_update(
-            ssm_state, x, dt_d[:, :, None].expand(-1, -1, head_dim),
-            params["A"][:, None, None].expand(-1, head_dim, n_state).to(torch.float32),
-            b, c, params["D"][:, None].expand(-1, head_dim),
-            params["dt_bias"][:, None].expand(-1, head_dim), dt_softplus=True,
-            state_batch_indices=md.state_indices_tensor_d,
-            dst_state_batch_indices=md.state_indices_tensor_d, out=out_d,
-            num_accepted_tokens=md.num_accepted_tokens, cu_seqlens=md.query_start_loc_d,
-        )  # fmt: skip
+        for rows, h in _decode_groups(md, token_heads, nd, heads):
+            ch = bc + h * head_dim
+            sel = functools.partial(_rows_of, rows=rows)
+            indices = sel(md.state_indices_tensor_d)
+            y = causal_conv1d_update(
+                sel(xbc_d)[:, :ch], conv_cache[:, :ch], weight[:ch], bias[:ch],
+                mixer.activation, conv_state_indices=indices,
+                num_accepted_tokens=md.num_accepted_tokens, query_start_loc=md.query_start_loc_d,
+                max_query_len=indices.size(-1),
+            )  # fmt: skip
+            x, b, c = split(y, h)
+            n_state = b.shape[-1]
+            o = out_d if rows is None else out_d.new_empty(rows.numel(), h, head_dim)
+            selective_state_update(
+                mixer.kv_cache[1][:, :h], x, sel(dt_d)[:, :h, None].expand(-1, -1, head_dim),
+                params["A"][:h, None, None].expand(-1, head_dim, n_state).to(torch.float32),
+                b, c, params["D"][:h, None].expand(-1, head_dim),
+                params["dt_bias"][:h, None].expand(-1, head_dim), dt_softplus=True,
+                state_batch_indices=indices, dst_state_batch_indices=indices, out=o,
+                num_accepted_tokens=md.num_accepted_tokens, cu_seqlens=md.query_start_loc_d,
+            )  # fmt: skip
+            if rows is not None:
+                out_d[rows, :h] = o
     return True
+
+
+def _rows_of(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t.index_select(0, rows)
+
+
+def _decode_groups(
+    md: Any,
+    token_heads: list[tuple[int, slice | torch.Tensor]] | None,
+    nd: int,
+    heads: int,
+) -> list[tuple[torch.Tensor | None, int]]:
+    """Decode tokens grouped by the heads they update: ``[(None, heads)]`` (all of them
+    at every head) unless groups need fewer heads and every decode request has one
+    token (no speculative decoding)."""
+    if (
+        token_heads is None
+        or len({h for h, _ in token_heads}) < 2
+        or md.query_start_loc_d is not None
+        or md.num_accepted_tokens is not None
+    ):
+        return [(None, heads)]
+    found: dict[int, list[torch.Tensor]] = {}
+    for h, idx in token_heads:
+        if isinstance(idx, slice):
+            idx = torch.arange(idx.start or 0, idx.stop, device=md.state_indices_tensor_d.device)
+        found.setdefault(h, []).append(idx[idx < nd])
+    groups = [(torch.cat(parts), h) for h, parts in found.items()]
+    return [(rows, h) for rows, h in groups if rows.numel()]
 
 
 def hybrid_classmethods() -> dict[str, Any]:

@@ -205,7 +205,8 @@ class ElasticMamba2(nn.Module):
             "dt_bias": self.dt_bias[:heads],
         }
         dt = per_head[:, :, self.head_dim].contiguous()
-        mamba.conv_ssm(self.mixer, xbc, dt, y, params, self.groups)
+        token_heads = [(self.budget_heads[b], seg.idx) for seg, b in zip(segments, states)]
+        mamba.conv_ssm(self.mixer, xbc, dt, y, params, self.groups, token_heads)
         kept = [s for s in segments if self.kept[s.budget]]
         if not kept:
             return [None] * len(segments)
