@@ -4,7 +4,8 @@ Every request's prompt ends with ``<think>``; the end marker ``</think>`` is for
 index T by ``force_end.ForceEndOfThinking`` (random models never emit it), so each output is
 T thinking tokens, ``</think>`` and A answer tokens. Compared, on the same prompts:
 
-* ``full``: the full budget throughout (elastic engine, and the stock full slice);
+* ``full``: the full budget throughout (elastic engine, and the stock full slice at vLLM's
+  default settings, compiled, and in eager mode);
 * ``full+vllm_cap``: the full budget with vLLM's own ``thinking_token_budget=T`` (needs a
   ``reasoning_config``) instead of the forcing processor;
 * ``small``: the thinking budget throughout (reference: the switch must change the answer);
@@ -48,7 +49,7 @@ class Config:
     """One way of serving the think-then-answer requests."""
 
     name: str
-    engine: str  # "elastic" | "stock"
+    engine: str  # "elastic" | a stock mode (``c.STOCK_MODES``) on the full slice
     think: str | None  # budget names (None on the stock engine)
     answer: str | None
     kv_mode: str | None = None
@@ -71,8 +72,9 @@ class Config:
 
 def configs(think: str, answer: str) -> list[Config]:
     return [
-        Config("stock full", "stock", None, None),
-        Config("stock full+vllm_cap", "stock", None, None, vllm_cap=True),
+        Config("stock full", "default", None, None),
+        Config("stock full+vllm_cap", "default", None, None, vllm_cap=True),
+        Config("stock full eager", "eager", None, None),
         Config("full", "elastic", answer, answer),
         Config("full+vllm_cap", "elastic", answer, answer, vllm_cap=True),
         Config(think, "elastic", think, think),
@@ -93,12 +95,12 @@ def reasoning_kwargs() -> dict[str, Any]:
     }
 
 
-def open_control_engine(path: Any) -> tuple[Any, str | None]:
+def open_control_engine(path: Any, **overrides: Any) -> tuple[Any, str | None]:
     """An engine with the forcing processor and, if vLLM accepts it, a reasoning config.
 
     Returns the engine and why the reasoning config could not be used (None if it could).
     """
-    kw = {"logits_processors": [ForceEndOfThinking], "max_model_len": 512}
+    kw = {"logits_processors": [ForceEndOfThinking], "max_model_len": 512, **overrides}
     try:
         return c.open_engine(path, **kw, **reasoning_kwargs()), None
     except Exception as e:  # noqa: BLE001 - recorded in the results
@@ -116,11 +118,16 @@ def token_ids(path: Any) -> tuple[int, int]:
 
 
 def run_engine(
-    path: Any, todo: list[Config], shape: Shape, prompts: list[list[int]], repeats: int
+    path: Any,
+    todo: list[Config],
+    shape: Shape,
+    prompts: list[list[int]],
+    repeats: int,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Measure every config of one engine in interleaved rounds; a config that fails on a
     one-request trial records its error instead."""
-    llm, cap_error = open_control_engine(path)
+    llm, cap_error = open_control_engine(path, **overrides)
     out: dict[str, Any] = {}
     named = {}
     try:
@@ -194,8 +201,9 @@ def analyse(
         if base is not None:
             sp = base.wall_s / res.wall_s
             entry = {"speedup_vs_full": round(sp, 4), "of_flop_limit": round(sp / limit, 4)}
-            if "stock full" in ok:
-                entry["speedup_vs_stock_full"] = round(ok["stock full"].wall_s / res.wall_s, 4)
+            for stock, key in (("stock full", ""), ("stock full eager", "_eager")):
+                if stock in ok:
+                    entry[f"speedup_vs_stock_full{key}"] = round(ok[stock].wall_s / res.wall_s, 4)
             if think_only is not None:
                 blend = _blend_limit(shape, base.wall_s, think_only.wall_s)
                 entry["measured_blend_limit"] = round(blend, 4)
@@ -255,6 +263,7 @@ def tables(analysis: dict[str, Any]) -> list[str]:
             "config",
             "speedup vs full",
             "vs stock full",
+            "vs stock full eager",
             "FLOP limit",
             "of limit",
             "blend limit",
@@ -265,6 +274,7 @@ def tables(analysis: dict[str, Any]) -> list[str]:
                 name,
                 s["speedup_vs_full"],
                 s.get("speedup_vs_stock_full", "-"),
+                s.get("speedup_vs_stock_full_eager", "-"),
                 analysis["flop_limit"],
                 s["of_flop_limit"],
                 s.get("measured_blend_limit", "-"),
@@ -312,9 +322,12 @@ def main() -> None:
     ]
     todo = configs(think, answer)
     results: dict[str, Any] = {}
-    c.log(f"stock engine {ckpt.sliced[answer]}")
-    stock = [x for x in todo if x.engine == "stock"]
-    results.update(run_engine(ckpt.sliced[answer], stock, shape, prompts, settings.repeats))
+    for mode, overrides in c.STOCK_MODES.items():
+        c.log(f"stock engine ({mode}) {ckpt.sliced[answer]}")
+        stock = [x for x in todo if x.engine == mode]
+        results.update(
+            run_engine(ckpt.sliced[answer], stock, shape, prompts, settings.repeats, **overrides)
+        )
     c.log(f"elastic engine {ckpt.path}")
     elastic = [x for x in todo if x.engine == "elastic"]
     results.update(run_engine(ckpt.path, elastic, shape, prompts, settings.repeats))

@@ -2,10 +2,11 @@
 
 One ``vllm-elastic serve`` server on the elastic checkpoint serves every budget (each
 ``vllm bench serve`` run sends ``--extra-body '{"vllm_xargs": {"elastic_budget": B}}'``);
-then one plain vLLM server per sliced checkpoint gets the same ``vllm bench serve`` run
-without the extra body. Same random dataset and seed, ``--ignore-eos``, greedy, all
-requests at once (``--request-rate inf``). Reported: output tokens/s, mean TTFT and TPOT
-from vLLM's result JSON; ratio = elastic / stock output tokens/s (target >= 0.95).
+then one plain vLLM server per sliced checkpoint, at vLLM's default settings (compiled),
+gets the same ``vllm bench serve`` run without the extra body. Same random dataset and
+seed, ``--ignore-eos``, greedy, all requests at once (``--request-rate inf``). Reported:
+output tokens/s, mean TTFT and TPOT from vLLM's result JSON; ratio = elastic / stock
+output tokens/s (target >= 0.95).
 
 Servers are real OpenAI servers (three processes each, started with
 ``python -m vllm_elastic.cli serve``, which is ``vllm serve`` on the CPU wheel too);
@@ -60,7 +61,7 @@ def server(model: Path, log_path: Path, elastic: bool) -> Iterator[str]:
     kw = c.ENGINE_KWARGS
     cmd = _cli(
         "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--served-model-name", SERVED, "--dtype", kw["dtype"], "--enforce-eager",
+        "--served-model-name", SERVED, "--dtype", kw["dtype"],
         "--kv-cache-memory-bytes", str(kw["kv_cache_memory_bytes"]),
         "--max-num-seqs", str(kw["max_num_seqs"]), "--max-model-len", str(kw["max_model_len"]),
         "--no-enable-prefix-caching", "--seed", "0",

@@ -64,9 +64,14 @@ QUIET_WAIT_S = DEFAULT_QUIET_WAIT_S
 WEIGHT_PACKING: str | None = None  # --weight-packing: the elastic engines' weight storage
 ELASTIC_OPTIONS: dict[str, Any] = {}  # --elastic-option KEY=VALUE: more engine options
 
+# Stock engines run in each mode; the anchor is stock vLLM at its default settings
+# (torch.compile on CPU, CUDA graphs + compile on GPU), eager mode is an extra column.
+# Elastic engines get no mode (the plugin picks what elastic models support).
+STOCK_MODES: dict[str, dict[str, Any]] = {"default": {}, "eager": {"enforce_eager": True}}
+ANCHOR_MODE = "default"
+
 ENGINE_KWARGS: dict[str, Any] = dict(
     dtype="float32",
-    enforce_eager=True,
     kv_cache_memory_bytes=1 << 30,
     max_num_seqs=64,
     max_model_len=1024,
@@ -350,7 +355,10 @@ def open_engine(model: Path | str, **overrides: Any) -> Any:
         extra = dict(kwargs.get("additional_config") or {})
         extra["elastic"] = {**options, **extra.get("elastic", {})}
         kwargs["additional_config"] = extra
-    return LLM(str(model), **kwargs)
+    start = time.perf_counter()
+    llm = LLM(str(model), **kwargs)
+    llm.bench_startup_s = round(time.perf_counter() - start, 2)  # incl. compile / capture
+    return llm
 
 
 def close_engine(llm: Any) -> None:
@@ -381,6 +389,9 @@ def engine_info(llm: Any) -> dict[str, Any]:
         "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
         "max_model_len": cfg.model_config.max_model_len,
         "torch_threads": torch.get_num_threads(),
+        "enforce_eager": cfg.model_config.enforce_eager,
+        "compilation_mode": str(cfg.compilation_config.mode),
+        "startup_s": getattr(llm, "bench_startup_s", None),
     }
     packing = llm.apply_model(lambda model: getattr(model, "weight_packing", None))[0]
     if packing:

@@ -34,7 +34,7 @@ def test_quick_benchmarks_run_and_agree_with_stock():
         env=env,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=2400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in SCRIPTS:
