@@ -185,6 +185,48 @@ def test_forward_context_metadata_fields():
     assert {"num_decodes", "query_start_loc_p"} <= fields
 
 
+def test_mamba_kernels_metadata_and_mixer():
+    from vllm.model_executor.layers.mamba import mamba_mixer2
+    from vllm.model_executor.layers.mamba.ops import causal_conv1d, ssd_combined, ssu_dispatch
+    from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
+
+    fields = {f.name for f in dataclasses.fields(Mamba2AttentionMetadata)}
+    assert {"num_decode_tokens", "num_prefill_tokens", "num_prefills", "num_decodes",
+            "state_indices_tensor_d", "state_indices_tensor_p", "query_start_loc_d",
+            "query_start_loc_p", "has_initial_states_p", "num_accepted_tokens",
+            "prep_initial_states", "chunk_size", "seq_idx_p", "cu_chunk_seqlen_p",
+            "last_chunk_indices_p"} <= fields  # fmt: skip
+    # (kernel, parameters it must name, parameters it may take through **kwargs: the CPU
+    # conv kernels accept the GPU kernels' extras that way)
+    for fn, names, extras in (
+        (causal_conv1d.causal_conv1d_fn, ("conv_states", "has_initial_state", "cache_indices",
+                                          "query_start_loc", "activation"), ("metadata",)),
+        (causal_conv1d.causal_conv1d_update, ("conv_state_indices", "query_start_loc"),
+         ("num_accepted_tokens", "max_query_len")),
+        (ssd_combined.mamba_chunk_scan_combined_varlen, ("cu_chunk_seqlens", "seq_idx",
+                                                         "last_chunk_indices", "initial_states",
+                                                         "dt_limit", "out", "state_dtype"), ()),
+        (ssu_dispatch.selective_state_update, ("state_batch_indices", "cu_seqlens",
+                                               "dst_state_batch_indices", "out",
+                                               "num_accepted_tokens"), ()),
+    ):  # fmt: skip
+        params = _params(fn)
+        for name in names:
+            assert name in params, (fn.__name__, name)
+        for name in extras:
+            assert name in params or "kwargs" in params, (fn.__name__, name)
+    src = inspect.getsource(mamba_mixer2.MambaMixer2.__init__)
+    for attr in ("self.in_proj", "self.out_proj", "self.norm", "self.conv1d", "self.A",
+                 "self.D", "self.dt_bias", "self.activation", "self.prefix"):  # fmt: skip
+        assert attr in src, attr
+    from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
+
+    from vllm_elastic.compat import mamba
+
+    for name in mamba.hybrid_classmethods():
+        assert callable(getattr(NemotronHForCausalLM, name)), name
+
+
 def test_logits_processor_privates():
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
