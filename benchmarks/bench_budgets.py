@@ -46,12 +46,9 @@ def run_stock(ckpt: c.Checkpoint, work: c.Workload, repeats: int) -> dict[str, A
     defaults, the anchor, and eager), created and closed in turn."""
     runs: dict[str, dict] = {m: {} for m in c.STOCK_MODES}
     info: dict[str, dict] = {m: {} for m in c.STOCK_MODES}
-    for b in ckpt.budgets:
-        for mode, overrides in c.STOCK_MODES.items():
-            c.log(f"stock engine ({mode}): {ckpt.sliced[b]}")
-            with c.engine(ckpt.sliced[b], **overrides) as llm:
-                info[mode][b] = c.engine_info(llm)
-                runs[mode][b] = c.measure(llm, c.workload_requests(ckpt, work), repeats)
+    for mode, b, llm in c.stock_engines(ckpt):
+        info[mode][b] = c.engine_info(llm)
+        runs[mode][b] = c.measure(llm, c.workload_requests(ckpt, work), repeats)
     return {"engine": info, "runs": runs}
 
 

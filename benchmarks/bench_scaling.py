@@ -102,14 +102,11 @@ def run_all(ckpt: c.Checkpoint, grid: Grid, repeats: int) -> dict[str, Any]:
     with c.engine(ckpt.path, max_model_len=grid.max_model_len) as llm:
         results["engines"]["elastic"] = c.engine_info(llm)
         results["elastic"] = run_points(llm, ckpt, {b: b for b in ckpt.budgets}, grid, repeats)
-    for mode, overrides in c.STOCK_MODES.items():
+    for mode in c.STOCK_MODES:
         results[f"stock_{mode}"] = {}
-        for b in ckpt.budgets:
-            c.log(f"stock engine ({mode}) {ckpt.sliced[b]}")
-            with c.engine(ckpt.sliced[b], max_model_len=grid.max_model_len, **overrides) as llm:
-                results["engines"][f"stock_{mode}_{b}"] = c.engine_info(llm)
-                pts = run_points(llm, ckpt, {b: None}, grid, repeats)
-                results[f"stock_{mode}"][b] = pts[b]
+    for mode, b, llm in c.stock_engines(ckpt, max_model_len=grid.max_model_len):
+        results["engines"][f"stock_{mode}_{b}"] = c.engine_info(llm)
+        results[f"stock_{mode}"][b] = run_points(llm, ckpt, {b: None}, grid, repeats)[b]
     return results
 
 

@@ -379,6 +379,16 @@ def engine(model: Path | str, **overrides: Any) -> Iterator[Any]:
         gc.collect()
 
 
+def stock_engines(ckpt: Checkpoint, **overrides: Any) -> Iterator[tuple[str, str, Any]]:
+    """Each budget's slice on stock vLLM in each of ``STOCK_MODES``, opened and closed in
+    turn: yields ``(mode, budget, llm)``."""
+    for b in ckpt.budgets:
+        for mode, mode_overrides in STOCK_MODES.items():
+            log(f"stock engine ({mode}): {ckpt.sliced[b]}")
+            with engine(ckpt.sliced[b], **overrides, **mode_overrides) as llm:
+                yield mode, b, llm
+
+
 def engine_info(llm: Any) -> dict[str, Any]:
     """The scheduler settings an engine actually runs with, and torch's thread count."""
     import torch

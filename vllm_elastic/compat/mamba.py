@@ -161,7 +161,7 @@ def conv_ssm(
             sel = functools.partial(_rows_of, rows=rows)
             indices = sel(md.state_indices_tensor_d)
             y = causal_conv1d_update(
-                sel(xbc_d)[:, :ch], conv_cache[:, :ch], weight[:ch], bias[:ch],
+                sel(xbc_d)[:, :ch], conv_state[:, :ch], weight[:ch], bias[:ch],
                 mixer.activation, conv_state_indices=indices,
                 num_accepted_tokens=md.num_accepted_tokens, query_start_loc=md.query_start_loc_d,
                 max_query_len=indices.size(-1),
@@ -170,7 +170,7 @@ def conv_ssm(
             n_state = b.shape[-1]
             o = out_d if rows is None else out_d.new_empty(rows.numel(), h, head_dim)
             selective_state_update(
-                mixer.kv_cache[1][:, :h], x, sel(dt_d)[:, :h, None].expand(-1, -1, head_dim),
+                ssm_state[:, :h], x, sel(dt_d)[:, :h, None].expand(-1, -1, head_dim),
                 params["A"][:h, None, None].expand(-1, head_dim, n_state).to(torch.float32),
                 b, c, params["D"][:h, None].expand(-1, head_dim),
                 params["dt_bias"][:h, None].expand(-1, head_dim), dt_softplus=True,

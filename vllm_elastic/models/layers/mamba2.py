@@ -18,9 +18,10 @@ so every budget's heads are a prefix; head ``j`` reads B/C group ``j % G``.
   (``y * silu(z)`` normalised over the ``h * head_dim`` channels of each group, as the
   sliced model does), then ``out_proj`` over the kept channels (a column prefix).
 
-The conv + scan is vLLM's (``compat/mamba.py``), once per forward over every token, for
+The conv + scan is vLLM's (``compat/mamba.py``): prefill tokens run once per forward at
 the forward's widest state (tokens that need fewer heads give zeros to the rest, whose
-state nobody of theirs reads).
+state nobody of theirs reads); decode tokens run per group of state heads, each at its
+own.
 """
 
 from __future__ import annotations
