@@ -94,6 +94,26 @@ def test_recompute_equals_small_trace_then_large_continuation(
         assert g[: len(want)] == want, f"prompt {i}: recompute\n got {g}\nwant {want}"
 
 
+def test_compiled_engine_switches_exactly(hand_reference, switch_llm, think_prompts):
+    """With vLLM's default compilation (per-budget graphs; a row whose tokens straddle
+    the switch runs the routed eager path): recompute equals the hand reference and
+    reuse thinks exactly as the small model, alone and batched together."""
+    traces, conts = hand_reference
+    todo = cases(think_prompts)
+    llm = switch_llm(enforce_eager=False)
+    before = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
+    modes = ["recompute", "reuse"] * len(todo)
+    batch = [todo[i // 2] for i in range(len(modes))]
+    extra = [{**POLICY, "elastic_kv_mode": m} for m in modes]
+    got = run(llm, [p for p, _ in batch], extra, [t for _, t in batch], 24)
+    for j, (g, m) in enumerate(zip(got, modes)):
+        i = j // 2
+        want = traces[i] + conts[i] if m == "recompute" else traces[i]
+        assert g[: len(want)] == want, f"compiled {m} {i}\n got {g}\nwant {want}"
+    after = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
+    assert after > before, "no step of the batch ran a per-budget graph"
+
+
 def test_switch_position_and_mixed_policies_in_one_batch(
     hand_reference, switch_llm, think_prompts, monkeypatch
 ):

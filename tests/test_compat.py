@@ -256,3 +256,23 @@ def test_cpu_wheel_version_answer_is_scoped():
         version = importlib.metadata.version("vllm")
         assert version.startswith(compat.vllm_version().split("+")[0])
     assert importlib.metadata.version is before
+
+
+def test_compile_settings_follow_vllms_cpu_defaults(checkpoint):
+    """vLLM turns its default compilation into DYNAMO_TRACE_ONCE + inductor on CPU;
+    the per-budget graphs read those settings; enforce_eager means no graphs."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_elastic.compat.compile import compile_settings
+
+    def config(**kw):
+        args = EngineArgs(
+            model=str(checkpoint("llama_bias")), dtype="float32", max_model_len=256,
+            kv_cache_memory_bytes=16 << 20, **kw,
+        )  # fmt: skip
+        return args.create_engine_config()
+
+    settings = compile_settings(config())
+    assert settings is not None and settings.backend == "inductor"
+    assert settings.options.get("cpp.dynamic_threads") is True  # vLLM's CPU options
+    assert compile_settings(config(enforce_eager=True)) is None

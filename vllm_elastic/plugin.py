@@ -31,6 +31,8 @@ class ElasticModelConfig(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
+        from vllm.platforms import current_platform
+
         from vllm_elastic.compat.runner import check_v1_runner
         from vllm_elastic.control.policy import resolve_policy
         from vllm_elastic.spec.engine_options import engine_options, raw_section
@@ -52,10 +54,14 @@ class ElasticModelConfig(VerifyAndUpdateConfig):
         model_config.model_impl = "vllm"
         if vllm_config.speculative_config is not None:
             raise ValueError("elastic models do not support speculative decoding")
-        if not model_config.enforce_eager:
-            # Routing tokens to budgets is data-dependent Python work per forward; CUDA
-            # graphs and torch.compile would freeze one routing.
-            logger.info("vllm-elastic: forcing enforce_eager=True (per-forward budget routing)")
+        if not model_config.enforce_eager and not current_platform.is_cpu():
+            # CUDA graphs would freeze one forward's budget routing; on CPU the model
+            # compiles one graph per budget itself (models/budget_graphs.py)
+            logger.warning(
+                "vllm-elastic: elastic models run eager on %s (no CUDA graphs or "
+                "torch.compile yet): forcing enforce_eager=True",
+                current_platform.device_name,
+            )
             model_config.enforce_eager = True
         # the budget tracker, for this model only (a new list: vLLM shares the old one)
         processors = list(model_config.logits_processors or ())

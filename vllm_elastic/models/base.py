@@ -25,10 +25,12 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from vllm_elastic import compat
+from vllm_elastic.compat.compile import compile_settings
 from vllm_elastic.compat.logits import sliced_logits
 from vllm_elastic.compat.runner import check_v1_runner
 from vllm_elastic.log import get_logger
 from vllm_elastic.models import norm
+from vllm_elastic.models.budget_graphs import BudgetGraphs
 from vllm_elastic.models.nested_linear import requested_packing, resolve_packing
 from vllm_elastic.models.routing import BudgetRouter, Segment, put
 from vllm_elastic.spec.budgets import ElasticSpec
@@ -74,9 +76,26 @@ class ElasticForCausalLM(nn.Module):
         self.widths = np.array([b.hidden_size for b in self.spec.budgets])
         self.router = BudgetRouter(vllm_config, self.spec)
         self.weight_packing: dict[str, str] = {}
+        self.budget_graphs = self._budget_graphs(vllm_config)
 
     def make_layer(self, vllm_config: VllmConfig, layer: int, prefix: str) -> nn.Module:
         raise NotImplementedError
+
+    # families whose one-budget forward traces as one graph (``models/budget_graphs.py``)
+    compiles_per_budget = True
+
+    def _budget_graphs(self, vllm_config: VllmConfig) -> BudgetGraphs | None:
+        settings = compile_settings(vllm_config)
+        if settings is None:
+            return None
+        if not self.compiles_per_budget:
+            logger.warning(
+                "vllm-elastic: %s runs eager (its recurrent and expert layers do not "
+                "compile yet); the engine's compilation settings apply to nothing else",
+                type(self).__name__,
+            )
+            return None
+        return BudgetGraphs(self, settings)
 
     def layer_prefix(self) -> str:
         return self.family.slices.layer_prefix.split("{i}")[0]
@@ -95,13 +114,26 @@ class ElasticForCausalLM(nn.Module):
         embeds = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         num_tokens = embeds.shape[0]
         segments = self.router.segments(embeds, input_ids, positions)
+        graphs = self.budget_graphs
+        if graphs is not None and not graphs.ready and self.router.dummy:
+            graphs.trace_all(embeds, positions)  # vLLM's profile run, at start-up
+        if graphs is not None and graphs.ready and len(segments) == 1:
+            return self._full_width(graphs(segments[0], positions))
         for layer in self.layers:
             layer(positions, segments, num_tokens)
-        if len(segments) == 1 and int(self.widths[segments[0].budget]) == self.hidden_size:
-            return self._final_norm(segments[0])
+        if len(segments) == 1:
+            return self._full_width(self._final_norm(segments[0]))
         out = embeds.new_zeros(num_tokens, self.hidden_size)
         for seg in segments:
             put(out[:, : seg.hidden.shape[1]], seg.idx, self._final_norm(seg))
+        return out
+
+    def _full_width(self, hidden: torch.Tensor) -> torch.Tensor:
+        """One budget's final hidden states in the parent's width (zeros past it)."""
+        if hidden.shape[1] == self.hidden_size:
+            return hidden
+        out = hidden.new_zeros(hidden.shape[0], self.hidden_size)
+        out[:, : hidden.shape[1]] = hidden
         return out
 
     def _final_norm(self, seg: Segment) -> torch.Tensor:

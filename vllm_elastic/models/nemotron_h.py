@@ -95,6 +95,8 @@ class ElasticNemotronHForCausalLM(
         "lm_head.weight": "lm_head.weight",
     }
     norm_eps_field = "layer_norm_epsilon"
+    # Mamba-2 reads the forward's metadata in Python and MoE routes by data: eager only
+    compiles_per_budget = False
     # the hybrid KV-cache allocator's questions, answered as for vLLM's NemotronH
     get_mamba_state_shape_from_config = _HYBRID["get_mamba_state_shape_from_config"]
     get_mamba_state_dtype_from_config = _HYBRID["get_mamba_state_dtype_from_config"]

@@ -84,6 +84,7 @@ class BudgetRouter:
         self._state: ElasticBatchState | None = None
         self.logit_budgets: np.ndarray | None = None
         self.token_states: np.ndarray | None = None
+        self.dummy = False  # this forward is a profile or dummy run (no requests)
 
     def _batch_state(self) -> ElasticBatchState:
         if self._state is None:
@@ -102,6 +103,7 @@ class BudgetRouter:
         """Budget index per token; records the logits rows' budgets."""
         self.logit_budgets = None
         counts = row_token_counts()
+        self.dummy = counts is None
         if counts is None:  # profile / dummy runs
             self.token_states = np.full((num_tokens, 2), self.full_index)
             return self.token_states[:, 0]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_elastic.compat.compile import is_compiling
+
 _BUFFERS: dict[tuple[str, torch.dtype, torch.device, bool], torch.Tensor] = {}
 
 
@@ -22,7 +24,7 @@ def buffer(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     grown): it holds whatever the last user of ``name`` left (always finite values) and
     is overwritten by the next call with the same name.
     """
-    if like.device.type != "cpu":
+    if like.device.type != "cpu" or is_compiling():  # a compiled graph plans its own
         return like.new_zeros(rows, cols)
     # a buffer made under torch.inference_mode (vLLM's forward) is an inference tensor,
     # which may not be written outside it: one buffer per mode

@@ -25,6 +25,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
 from vllm_elastic.compat import cpu_attention
+from vllm_elastic.compat.compile import is_compiling
 from vllm_elastic.models import scratch
 from vllm_elastic.models.layers.common import pack_linears, row_parallel_out, tp_rank_and_size
 from vllm_elastic.models.nested_linear import NestedLinear
@@ -171,6 +172,7 @@ class ElasticAttention(nn.Module):
             len(segments) == 1
             and cut.kept
             and cut.kv_groups < self.n_kv
+            and not is_compiling()  # reads the forward's metadata outside a custom op
             and cpu_attention.supported(self.attn)
         )
         if len(segments) == 1:

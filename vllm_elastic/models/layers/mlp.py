@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_elastic.compat.compile import is_compiling
 from vllm_elastic.models import scratch
 from vllm_elastic.models.layers.common import pack_linears, row_parallel_out, tp_rank_and_size
 from vllm_elastic.models.nested_linear import NestedLinear
@@ -44,6 +45,8 @@ def windows(runs: list[tuple[int, int]], size: int) -> Iterable[tuple[int, list[
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = SiLU(gate) * up`` of one band ``[gate | up]``; SiLU runs in place on it."""
     half = gate_up.shape[1] // 2
+    if is_compiling():  # a graph takes no strided out= (inductor fuses the three ops)
+        return out.copy_(F.silu(gate_up[:, :half]) * gate_up[:, half:])
     return torch.mul(F.silu(gate_up[:, :half], inplace=True), gate_up[:, half:], out=out)
 
 
@@ -122,7 +125,7 @@ class _ElasticMLP(nn.Module):
         """The MLP of every segment (all keep the layer), at each segment's width."""
         r = runs(segments)
         x = stack(xs)
-        if x.shape[0] <= self.mlp_window:
+        if is_compiling() or x.shape[0] <= self.mlp_window:  # a graph has no size branches
             y = self._window(x, r)
         else:
             y = None
