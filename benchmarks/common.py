@@ -406,6 +406,11 @@ def engine_info(llm: Any) -> dict[str, Any]:
     packing = llm.apply_model(lambda model: getattr(model, "weight_packing", None))[0]
     if packing:
         info["weight_packing"] = packing
+    graphs = llm.apply_model(
+        lambda m: getattr(getattr(m, "budget_graphs", None), "compile_s", None)
+    )[0]
+    if graphs is not None:
+        info["budget_graph_compile_s"] = graphs  # part of startup_s
     return info
 
 

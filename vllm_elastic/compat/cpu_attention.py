@@ -8,6 +8,11 @@ CPU attention kernel takes the cache as strided views, so a batch whose tokens s
 budget can attend over the first ``g`` KV heads of the cache directly, with scheduler
 metadata built for ``g * G`` / ``g`` heads, instead of over all the parent's heads.
 Other backends, quantized caches, sinks, ALiBi and profile runs use vLLM's path.
+
+Inside a compiled per-budget graph the same attention is the custom op
+``vllm_elastic::own_heads_attention`` (opaque to the graph like vLLM's own attention op):
+it looks the layer up in the forward context and decides per call, since the CPU
+backend's ``isa`` is only set on the layers after the profile run that traces the graph.
 """
 
 from __future__ import annotations
@@ -118,4 +123,37 @@ def attend(
         v_scale=layer._v_scale_float,
         kv_cache_dtype=impl.kv_cache_dtype,
     )
+    return out
+
+
+@torch.library.custom_op("vllm_elastic::own_heads_attention", mutates_args=("out",))
+def own_heads_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    layer_name: str, kv_groups: int,
+) -> None:  # fmt: skip
+    """``out`` = attention of ``q``'s heads (the first ``kv_groups`` groups') for the
+    vLLM attention layer ``layer_name``: ``attend`` where it serves the layer, else
+    vLLM's path over every head (``q`` zero-padded, the extra heads' output dropped)."""
+    from vllm.forward_context import get_forward_context
+
+    attn = get_forward_context().no_compile_layers[layer_name]
+    y = attend(attn, q, k, v, kv_groups) if supported(attn) else None
+    if y is None:
+        wide = q.new_zeros(q.shape[0], attn.num_heads * attn.head_size)
+        wide[:, : q.shape[1]] = q
+        y = attn(wide, k, v)[:, : out.shape[1]]
+    out.copy_(y)
+
+
+@own_heads_attention.register_fake
+def _(q, k, v, out, layer_name, kv_groups) -> None:  # noqa: ANN001
+    return None
+
+
+def attend_in_graph(
+    attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_groups: int
+) -> torch.Tensor:
+    """``attend`` as a graph node (``own_heads_attention``); ``[tokens, q columns]``."""
+    out = q.new_empty(q.shape[0], q.shape[1])
+    torch.ops.vllm_elastic.own_heads_attention(q, k, v, out, attn.layer_name, kv_groups)
     return out

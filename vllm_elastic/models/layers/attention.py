@@ -168,12 +168,13 @@ class ElasticAttention(nn.Module):
         qs, ks = self.q_size, self.kv_size
         qkv = self.qkv(stack(xs), runs(segments))
         cut = self.cuts[segments[0].budget]
-        own = (  # one budget that reads fewer KV heads than it writes
+        # one budget that reads fewer KV heads than it writes (in a graph: decided by
+        # the custom op at run time)
+        own = (
             len(segments) == 1
             and cut.kept
             and cut.kv_groups < self.n_kv
-            and not is_compiling()  # reads the forward's metadata outside a custom op
-            and cpu_attention.supported(self.attn)
+            and (is_compiling() or cpu_attention.supported(self.attn))
         )
         if len(segments) == 1:
             k, v, q = qkv[:, :ks], qkv[:, ks : 2 * ks], qkv[:, 2 * ks :]
@@ -197,7 +198,10 @@ class ElasticAttention(nn.Module):
             k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
-        out = cpu_attention.attend(self.attn, q, k, v, cut.kv_groups) if own else None
+        if own and is_compiling():
+            out = cpu_attention.attend_in_graph(self.attn, q, k, v, cut.kv_groups)
+        else:
+            out = cpu_attention.attend(self.attn, q, k, v, cut.kv_groups) if own else None
         if out is None:
             out = self.attn(widen(q, qs) if q.shape[1] != qs else q, k, v)
         kept = [s for s in segments if self.cuts[s.budget].kept]
