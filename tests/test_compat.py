@@ -272,6 +272,7 @@ def test_compile_settings_follow_vllms_cpu_defaults(checkpoint):
         )  # fmt: skip
         return args.create_engine_config()
 
+    assert callable(torch.compiler.skip_all_guards_unsafe)  # the guard filter used
     settings = compile_settings(config())
     assert settings is not None and settings.backend == "inductor"
     assert settings.options.get("cpp.dynamic_threads") is True  # vLLM's CPU options

@@ -57,10 +57,6 @@ def compile_settings(vllm_config: Any) -> CompileSettings | None:
     return CompileSettings(backend=backend, options=options)
 
 
-def _skip_all_guards(guards: list[Any]) -> list[bool]:
-    return [False for _ in guards]
-
-
 def compile_budget_forward(
     fn: Callable[..., torch.Tensor], name: str, settings: CompileSettings
 ) -> Callable[..., torch.Tensor]:
@@ -70,8 +66,7 @@ def compile_budget_forward(
     later calls with any size run that graph."""
     code = fn.__code__.replace(co_name=name, co_qualname=name)
     own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    guard_filter = getattr(torch.compiler, "skip_all_guards_unsafe", _skip_all_guards)
-    options = {**settings.options, "guard_filter_fn": guard_filter}
+    options = {**settings.options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
     compiled = torch.compile(
         own, fullgraph=True, dynamic=False, backend=settings.backend, options=options
     )

@@ -45,6 +45,8 @@ class ElasticForCausalLM(nn.Module):
     # HF tensor name -> this module's parameter, for the non-layer tensors
     hf_globals: dict[str, str] = {}
     norm_eps_field = "rms_norm_eps"
+    # whether the family's one-budget forward traces as one graph (``budget_graphs.py``)
+    compiles_per_budget = True
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -80,9 +82,6 @@ class ElasticForCausalLM(nn.Module):
 
     def make_layer(self, vllm_config: VllmConfig, layer: int, prefix: str) -> nn.Module:
         raise NotImplementedError
-
-    # families whose one-budget forward traces as one graph (``models/budget_graphs.py``)
-    compiles_per_budget = True
 
     def _budget_graphs(self, vllm_config: VllmConfig) -> BudgetGraphs | None:
         settings = compile_settings(vllm_config)

@@ -52,8 +52,13 @@ class BudgetGraphs:
 
     def trace_all(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
         """Compile every budget's graph on the profile run's dummy batch."""
-        if embeds.shape[0] < 2:
-            return  # a dynamic dimension is traced at a size >= 2
+        if embeds.shape[0] < 2:  # a dynamic dimension is traced at a size >= 2
+            logger.warning(
+                "vllm-elastic: a %d-token profile run cannot trace the per-budget graphs; "
+                "waiting for a larger one (eager until then)",
+                embeds.shape[0],
+            )
+            return
         spec = self.model.spec
         for b in spec.budgets:
             fn = compile_budget_forward(

@@ -198,10 +198,11 @@ class ElasticAttention(nn.Module):
             k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
+        out = None
         if own and is_compiling():
             out = cpu_attention.attend_in_graph(self.attn, q, k, v, cut.kv_groups)
-        else:
-            out = cpu_attention.attend(self.attn, q, k, v, cut.kv_groups) if own else None
+        elif own:
+            out = cpu_attention.attend(self.attn, q, k, v, cut.kv_groups)
         if out is None:
             out = self.attn(widen(q, qs) if q.shape[1] != qs else q, k, v)
         kept = [s for s in segments if self.cuts[s.budget].kept]
