@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # scheduler metadata per (query heads, KV heads) of the current forward's attention
 # metadata, which is held here so that it is compared by identity, never by a reused id
@@ -139,8 +140,7 @@ def own_heads_attention(
     attn = get_forward_context().no_compile_layers[layer_name]
     y = attend(attn, q, k, v, kv_groups) if supported(attn) else None
     if y is None:
-        wide = q.new_zeros(q.shape[0], attn.num_heads * attn.head_size)
-        wide[:, : q.shape[1]] = q
+        wide = F.pad(q, (0, attn.num_heads * attn.head_size - q.shape[1]))
         y = attn(wide, k, v)[:, : out.shape[1]]
     out.copy_(y)
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
@@ -131,9 +132,7 @@ class ElasticForCausalLM(nn.Module):
         """One budget's final hidden states in the parent's width (zeros past it)."""
         if hidden.shape[1] == self.hidden_size:
             return hidden
-        out = hidden.new_zeros(hidden.shape[0], self.hidden_size)
-        out[:, : hidden.shape[1]] = hidden
-        return out
+        return F.pad(hidden, (0, self.hidden_size - hidden.shape[1]))
 
     def _final_norm(self, seg: Segment) -> torch.Tensor:
         return norm.add_norm(self.norm.weight, seg.hidden, seg.residual, self.eps)[0]

@@ -196,8 +196,7 @@ class NestedLinear:
         if self.packing == "views":
             bias = None if self.bias is None else self.bias[:n]
             return F.linear(x[:, :k], self.weight[:n, :k], bias)
-        padded = x.new_zeros(x.shape[0], k_top)
-        padded[:, :k] = x[:, :k]
+        padded = F.pad(x[:, :k], (0, k_top - k))
         if self.packing == "per-budget" or top == low:
             return self._one_level(padded, top, None)
         out = x.new_empty(x.shape[0], n)
