@@ -101,6 +101,23 @@ def scaling_rows(data: dict) -> list[tuple]:
     return out
 
 
+def kv_bound_rows(data: dict) -> list[tuple]:
+    out = []
+    for r in data["rows"]:
+        e, s, b = r["elastic"], r["stock"], r["budget"]
+        out.append(
+            _target_row(
+                f"fixed KV cache, budget {b}: tok/s elastic/slice (requests held "
+                f"{e['requests_held']} vs {s['requests_held']}, projected "
+                f"{r['projected_requests_held']})",
+                r["throughput_ratio"],
+                ">= 0.95",
+                r["throughput_ratio"] >= 0.95,
+            )
+        )
+    return out
+
+
 def serve_rows(data: dict) -> list[tuple]:
     return budgets_rows(data, " served (vllm bench serve)")
 
@@ -112,6 +129,7 @@ SECTIONS = {
     "memory": memory_rows,
     "budget_control": control_rows,
     "scaling": scaling_rows,
+    "kv_bound": kv_bound_rows,
 }
 
 VARIANT_SECTIONS = {"budgets": budgets_rows, "mixed": mixed_rows}

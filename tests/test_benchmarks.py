@@ -17,7 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "benchmarks" / "results" / "quick"
-SCRIPTS = ("budgets", "mixed", "memory", "scaling", "budget_control", "serve", "profile")
+SCRIPTS = (
+    "budgets", "mixed", "memory", "kv_bound", "scaling", "budget_control", "serve", "profile",
+)  # fmt: skip
 
 
 def _load(path: Path) -> dict:
@@ -56,6 +58,16 @@ def test_quick_benchmarks_run_and_agree_with_stock():
     memory = _load(QUICK / "memory.json")["summary"]
     assert memory["elastic_vs_full"] <= 1.01  # bytes, not speed: one copy of the weights
     assert memory["per_budget_packing_vs_full"] > 1.5
+
+    # fixed KV cache: every elastic budget holds full-width K/V, each slice only its own
+    kv = _load(QUICK / "kv_bound.json")["rows"]
+    full_width = kv[0]["stock"]["kv_bytes_per_token"]
+    for row in kv:
+        e, s = row["elastic"], row["stock"]
+        assert e["kv_bytes_per_token"] == full_width, row["budget"]
+        assert s["kv_bytes_per_token"] == row["projected_bytes_per_token"], row["budget"]
+        assert e["peak_running"] <= e["requests_held"] and s["peak_running"] <= s["requests_held"]
+    assert kv[-1]["stock"]["requests_held"] > kv[-1]["elastic"]["requests_held"]
 
     control = _load(QUICK / "budget_control.json")["checks"]
     for name, check in control.items():
