@@ -4,9 +4,10 @@ One ``vllm-elastic serve`` server on the elastic checkpoint serves every budget 
 ``vllm bench serve`` run sends ``--extra-body '{"vllm_xargs": {"elastic_budget": B}}'``);
 then one plain vLLM server per sliced checkpoint, at vLLM's default settings (compiled),
 gets the same ``vllm bench serve`` run without the extra body. Same random dataset and
-seed, ``--ignore-eos``, greedy, all requests at once (``--request-rate inf``). Reported:
-output tokens/s, mean TTFT and TPOT from vLLM's result JSON; ratio = elastic / stock
-output tokens/s (target >= 0.95).
+seed, ``--ignore-eos``, greedy, requests sent at once (``--request-rate inf``) under each
+load of ``LOADS``: the saturated batch, and the latency regime at ``--max-concurrency`` 1
+and 4. Reported: output tokens/s, mean TTFT and TPOT from vLLM's result JSON; ratios =
+elastic / stock speed (output tokens/s; stock / elastic for TTFT and TPOT), target >= 0.95.
 
 Servers are real OpenAI servers (three processes each, started with
 ``python -m vllm_elastic.cli serve``, which is ``vllm serve`` on the CPU wheel too);
@@ -26,6 +27,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,25 @@ import common as c
 TARGET = 0.95
 SERVED = "model"
 METRICS = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "completed", "duration")
+
+
+@dataclass(frozen=True)
+class Load:
+    """One ``vllm bench serve`` load: how many prompts, how many in flight at most."""
+
+    name: str
+    num_prompts: int | None  # None: the workload's
+    max_concurrency: int | None  # None: all at once
+
+    def args(self, work: c.Workload) -> list[str]:
+        args = ["--num-prompts", str(self.num_prompts or work.num_prompts)]
+        if self.max_concurrency is not None:
+            args += ["--max-concurrency", str(self.max_concurrency)]
+        return args
+
+
+LOADS = (Load("saturated", None, None), Load("concurrency 1", 8, 1), Load("concurrency 4", 16, 4))
+QUICK_LOADS = (Load("saturated", None, None), Load("concurrency 1", 2, 1))
 
 
 def _free_port() -> int:
@@ -100,15 +121,15 @@ def _wait_ready(base: str, proc: subprocess.Popen, log_path: Path, timeout: floa
 
 
 def bench_serve(
-    base: str, tokenizer: Path, work: c.Workload, out: Path, budget: str | None
+    base: str, tokenizer: Path, work: c.Workload, out: Path, budget: str | None, load: Load
 ) -> dict[str, Any]:
     """One ``vllm bench serve`` run; returns the headline metrics of its result JSON."""
     cmd = _cli(
         "vllm", "bench", "serve", "--backend", "vllm", "--base-url", base,
         "--model", SERVED, "--tokenizer", str(tokenizer), "--dataset-name", "random",
         "--random-input-len", str(work.prompt_len), "--random-output-len", str(work.max_tokens),
-        "--random-range-ratio", "0", "--num-prompts", str(work.num_prompts),
-        "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", "0",
+        "--random-range-ratio", "0", *load.args(work), "--request-rate", "inf",
+        "--ignore-eos", "--temperature", "0", "--seed", "0",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
         "--disable-tqdm",
     )  # fmt: skip
@@ -129,54 +150,62 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**top, "runs_output_throughput": [r["output_throughput"] for r in runs]}
 
 
-def run_all(ckpt: c.Checkpoint, work: c.Workload, repeats: int, raw: Path) -> dict[str, Any]:
-    """Elastic server (every budget, interleaved rounds), then one stock server per budget."""
-    elastic: dict[str, list[dict[str, Any]]] = {b: [] for b in ckpt.budgets}
+def run_all(
+    ckpt: c.Checkpoint, work: c.Workload, loads: tuple[Load, ...], repeats: int, raw: Path
+) -> dict[str, Any]:
+    """Elastic server (every budget, interleaved rounds), then one stock server per
+    budget; returns {"elastic"|"stock": {load: {budget: best run}}}."""
+
+    def runs_on(base: str, tokenizer: Path, label: str, budgets: dict[str, str | None]) -> dict:
+        for b in budgets.values():  # warm-up: first-use costs (e.g. oneDNN primitives)
+            bench_serve(base, tokenizer, work, raw / "warmup.json", b, loads[0])
+        out: dict[str, dict[str, list]] = {ld.name: {b: [] for b in budgets} for ld in loads}
+        for ld in loads:
+            for r in range(repeats):
+                for name, b in budgets.items():
+                    path = raw / f"{label}_{name}_{ld.name.replace(' ', '')}_{r}.json"
+                    out[ld.name][name].append(bench_serve(base, tokenizer, work, path, b, ld))
+        return {ld: {b: best(v) for b, v in per.items()} for ld, per in out.items()}
+
     c.log(f"elastic server: {ckpt.path}")
     with server(ckpt.path, raw / "elastic.log", elastic=True) as base:
-        for b in ckpt.budgets:  # warm-up: first-use costs (e.g. oneDNN primitives per shape)
-            bench_serve(base, ckpt.path, work, raw / "warmup.json", b)
-        for r in range(repeats):
-            for b in ckpt.budgets:
-                out = raw / f"elastic_{b}_{r}.json"
-                elastic[b].append(bench_serve(base, ckpt.path, work, out, b))
-    stock: dict[str, list[dict[str, Any]]] = {}
+        elastic = runs_on(base, ckpt.path, "elastic", {b: b for b in ckpt.budgets})
+    stock: dict[str, dict[str, Any]] = {ld.name: {} for ld in loads}
     for b in ckpt.budgets:
         c.log(f"stock server: {ckpt.sliced[b]}")
         with server(ckpt.sliced[b], raw / f"stock_{b}.log", elastic=False) as base:
-            bench_serve(base, ckpt.sliced[b], work, raw / "warmup.json", None)
-            stock[b] = [
-                bench_serve(base, ckpt.sliced[b], work, raw / f"stock_{b}_{r}.json", None)
-                for r in range(repeats)
-            ]
-    return {
-        "elastic": {b: best(v) for b, v in elastic.items()},
-        "stock": {b: best(v) for b, v in stock.items()},
-    }
+            for ld, per in runs_on(base, ckpt.sliced[b], "stock", {b: None}).items():
+                stock[ld].update(per)
+    return {"elastic": elastic, "stock": stock}
 
 
 def rows_of(ckpt: c.Checkpoint, runs: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for b in ckpt.budgets:
-        e, s = runs["elastic"][b], runs["stock"][b]
-        ratio = e["output_throughput"] / s["output_throughput"]
-        rows.append(
-            {
-                "budget": b,
-                "fraction": ckpt.budget(b)["fraction"],
-                "elastic": e,
-                "stock": s,
-                "throughput_ratio": round(ratio, 4),
-                "target": TARGET,
-                "pass": ratio >= TARGET,
-            }
-        )
+    for load, per in runs["elastic"].items():
+        for b in ckpt.budgets:
+            e, s = per[b], runs["stock"][load][b]
+            ratio = e["output_throughput"] / s["output_throughput"]
+            rows.append(
+                {
+                    "load": load,
+                    "budget": b,
+                    "fraction": ckpt.budget(b)["fraction"],
+                    "elastic": e,
+                    "stock": s,
+                    "throughput_ratio": round(ratio, 4),
+                    "ttft_ratio": round(s["mean_ttft_ms"] / e["mean_ttft_ms"], 4),
+                    "tpot_ratio": round(s["mean_tpot_ms"] / e["mean_tpot_ms"], 4),
+                    "target": TARGET,
+                    "pass": ratio >= TARGET,
+                }
+            )
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     return c.md_table(
         [
+            "load",
             "budget",
             "params frac",
             "elastic tok/s",
@@ -186,10 +215,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             "stock TTFT ms",
             "elastic TPOT ms",
             "stock TPOT ms",
+            "TTFT ratio",
+            "TPOT ratio",
             f">= {TARGET}",
         ],
         [
             (
+                r["load"],
                 r["budget"],
                 r["fraction"],
                 r["elastic"]["output_throughput"],
@@ -199,6 +231,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 r["stock"]["mean_ttft_ms"],
                 r["elastic"]["mean_tpot_ms"],
                 r["stock"]["mean_tpot_ms"],
+                r["ttft_ratio"],
+                r["tpot_ratio"],
                 c.verdict(r["throughput_ratio"], TARGET),
             )
             for r in rows
@@ -211,21 +245,28 @@ def main() -> None:
     ckpt = c.prepare_checkpoint(settings)
     work = c.Workload.for_settings(settings)
     raw = settings.out_dir / "serve_raw"
-    runs = run_all(ckpt, work, settings.repeats, raw)
+    loads = QUICK_LOADS if settings.quick else LOADS
+    runs = run_all(ckpt, work, loads, settings.repeats, raw)
     rows = rows_of(ckpt, runs)
     md = table(rows)
     print(md)
     intro = (
         f"`vllm bench serve --dataset-name random`: {work.num_prompts} prompts x "
         f"{work.prompt_len} tokens -> {work.max_tokens} tokens (ignore_eos, greedy, request "
-        "rate inf), against `vllm-elastic serve` (budget per request via `vllm_xargs`) and "
+        "rate inf; low-concurrency loads send fewer prompts, at most N in flight), "
+        "against `vllm-elastic serve` (budget per request via `vllm_xargs`) and "
         "a plain vLLM server per sliced checkpoint. Best of the timed runs; raw result "
         "JSONs in `serve_raw/`."
     )
     plot = c.bar_plot(
         settings.out_dir / "serve.png",
-        [r["budget"] for r in rows],
-        {"elastic / stock (served)": [r["throughput_ratio"] for r in rows]},
+        ckpt.budgets,
+        {
+            f"{ld.name}: elastic / stock": [
+                r["throughput_ratio"] for r in rows if r["load"] == ld.name
+            ]
+            for ld in loads
+        },
         "output throughput ratio",
         "Served throughput, vllm bench serve",
         target=TARGET,
@@ -235,7 +276,7 @@ def main() -> None:
         ckpt,
         "serve",
         "Served throughput per budget (vllm bench serve)",
-        {"workload": work.__dict__, "rows": rows},
+        {"workload": work.__dict__, "loads": [ld.__dict__ for ld in loads], "rows": rows},
         [intro, md],
         [plot],
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_same_output, budget_names, greedy
+from conftest import assert_same_output, greedy
 from vllm.exceptions import VLLMValidationError
 
 NAME = "llama_bias"
@@ -75,28 +75,6 @@ def test_prefix_cache_never_crosses_budgets(elastic_llm):
         assert_same_output(got, want[s["elastic_budget"]], f"cached {s}")
     assert hits[0] == 0 and hits[1] == 0, f"a budget reused another budget's blocks: {hits}"
     assert hits[2] > 0 and hits[3] > 0, f"prefix caching did not hit within a budget: {hits}"
-
-
-def test_compiled_engine_is_exact_alone_and_mixed(elastic_llm, reference, prompts):
-    """vLLM's default compilation (no enforce_eager): one graph per budget, traced at
-    start-up; every budget alone and all mixed in one batch (the eager routed path) give
-    the stock sliced checkpoints' tokens."""
-    budgets = budget_names(NAME)
-    want = {b: reference(NAME, b) for b in budgets}  # before: the pool holds one engine
-    llm = elastic_llm(NAME, enforce_eager=False)
-    assert llm.llm_engine.vllm_config.model_config.enforce_eager is False
-    traced = llm.apply_model(lambda m: sorted(m.budget_graphs.compile_s))[0]
-    assert traced == sorted(budgets)
-    for b in budgets:
-        got = greedy(llm, prompts, [{"elastic_budget": b}] * len(prompts), 12)
-        for i, (g, w) in enumerate(zip(got, want[b])):
-            assert_same_output(g, w, f"compiled, budget {b} alone, prompt {i}")
-    calls = llm.apply_model(lambda m: dict(m.budget_graphs.calls))[0]
-    assert sorted(calls) == list(range(len(budgets))), f"a budget ran eager alone: {calls}"
-    mix = [budgets[i % len(budgets)] for i in range(len(prompts))]
-    got = greedy(llm, prompts, [{"elastic_budget": b} for b in mix], 12)
-    for i, (g, b) in enumerate(zip(got, mix)):
-        assert_same_output(g, want[b][i], f"compiled, mixed batch, {b} prompt {i}")
 
 
 def test_register_is_idempotent_and_blocks_transformers_fallback(elastic_llm):

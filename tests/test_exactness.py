@@ -51,6 +51,29 @@ def test_all_budgets_mixed_in_one_batch(name, oracle, elastic_llm, prompts):
         assert_same_output(g, w, f"{name} mixed request {k} ({extra[k]['elastic_budget']})")
 
 
+@pytest.mark.parametrize("name", ["llama_bias", "hybrid"])
+def test_compiled_engine_is_exact_alone_and_mixed(name, oracle, elastic_llm, prompts):
+    """vLLM's default compilation (no enforce_eager): one graph per budget, traced at
+    start-up (NemotronH's Mamba conv/scan and routed experts inside as custom ops); every
+    budget alone and all mixed in one batch (the eager routed path) equal the oracle."""
+    budgets = budget_names(name)
+    want = {b: oracle(name, b) for b in budgets}  # before: the pool holds one engine
+    llm = elastic_llm(name, enforce_eager=False)
+    assert llm.llm_engine.vllm_config.model_config.enforce_eager is False
+    traced = llm.apply_model(lambda m: sorted(m.budget_graphs.compile_s))[0]
+    assert traced == sorted(budgets)
+    for b in budgets:
+        got = greedy(llm, prompts, [{"elastic_budget": b}] * len(prompts), 12)
+        for i, (g, w) in enumerate(zip(got, want[b])):
+            assert_same_output(g, w, f"compiled {name}, budget {b} alone, prompt {i}")
+    calls = llm.apply_model(lambda m: dict(m.budget_graphs.calls))[0]
+    assert sorted(calls) == list(range(len(budgets))), f"a budget ran eager alone: {calls}"
+    mix = [budgets[i % len(budgets)] for i in range(len(prompts))]
+    got = greedy(llm, prompts, [{"elastic_budget": b} for b in mix], 12)
+    for i, (g, b) in enumerate(zip(got, mix)):
+        assert_same_output(g, want[b][i], f"compiled {name}, mixed batch, {b} prompt {i}")
+
+
 def test_default_budget_comes_from_checkpoint(reference, elastic_llm, prompts):
     """qwen3_tied declares default_budget=half: a request without keys runs at half."""
     want = reference("qwen3_tied", "half")

@@ -82,6 +82,29 @@ def test_reuse_thinks_small_then_answers_large(hand_reference, switch_llm, todo)
     assert any(g[len(tr) :] != s[len(tr) :] for g, s, tr in zip(got, small, traces))
 
 
+def test_compiled_engine_switches_like_eager(hand_reference, switch_llm, todo):
+    """With vLLM's default compilation (per-budget graphs; a reuse request's thinking
+    writes its answer budget's Mamba heads, so it runs the routed eager path): recompute
+    equals the hand reference, and every output of a batch of both modes equals the
+    eager engine's, reuse included."""
+    traces, conts = hand_reference
+    modes = ["recompute", "reuse"] * len(todo)
+    batch = [todo[i // 2] for i in range(len(modes))]
+    extra = [{**POLICY, "elastic_kv_mode": m} for m in modes]
+    prompts_, thinks = [p for p, _ in batch], [t for _, t in batch]
+    eager = run(switch_llm(), prompts_, extra, thinks, 24)
+    llm = switch_llm(enforce_eager=False)
+    before = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
+    got = run(llm, prompts_, extra, thinks, 24)
+    assert got == eager
+    for j, (g, m) in enumerate(zip(got, modes)):
+        if m == "recompute":
+            want = traces[j // 2] + conts[j // 2]
+            assert g[: len(want)] == want, f"compiled recompute {j // 2}"
+    after = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
+    assert after > before, "no step of the batch ran a per-budget graph"
+
+
 def test_reuse_state_budgets_equal_every_head_written(switch_llm, todo):
     """Each request writes the Mamba state of its state budget only (reuse: the answer
     budget's heads, also while thinking; one budget: its own). Outputs equal an engine in

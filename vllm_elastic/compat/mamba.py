@@ -182,6 +182,38 @@ def conv_ssm(
     return True
 
 
+@torch.library.custom_op("vllm_elastic::mamba_conv_ssm", mutates_args=("out",))
+def mamba_conv_ssm(
+    xbc: torch.Tensor, dt: torch.Tensor, out: torch.Tensor, conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+    layer_name: str, groups: int,
+) -> None:  # fmt: skip
+    """``conv_ssm`` as a graph node: every token at every head of ``out``, for the state
+    mixer registered as ``layer_name`` (a compiled forward of one budget)."""
+    from vllm.forward_context import get_forward_context
+
+    mixer = get_forward_context().no_compile_layers[layer_name]
+    params = {"conv_weight": conv_weight, "conv_bias": conv_bias, "A": A, "D": D,
+              "dt_bias": dt_bias}  # fmt: skip
+    conv_ssm(mixer, xbc, dt, out, params, groups)
+
+
+@mamba_conv_ssm.register_fake
+def _(xbc, dt, out, conv_weight, conv_bias, A, D, dt_bias, layer_name, groups) -> None:  # noqa: ANN001, N803
+    return None
+
+
+def conv_ssm_in_graph(
+    mixer: Any, xbc: torch.Tensor, dt: torch.Tensor, out: torch.Tensor,
+    params: dict[str, torch.Tensor], groups: int,
+) -> None:  # fmt: skip
+    """``conv_ssm`` of one budget's tokens inside a compiled graph (``mamba_conv_ssm``)."""
+    torch.ops.vllm_elastic.mamba_conv_ssm(
+        xbc, dt, out, params["conv_weight"], params["conv_bias"], params["A"], params["D"],
+        params["dt_bias"], mixer.prefix, groups,
+    )  # fmt: skip
+
+
 def _rows_of(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t.index_select(0, rows)
 

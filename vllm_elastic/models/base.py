@@ -46,8 +46,6 @@ class ElasticForCausalLM(nn.Module):
     # HF tensor name -> this module's parameter, for the non-layer tensors
     hf_globals: dict[str, str] = {}
     norm_eps_field = "rms_norm_eps"
-    # whether the family's one-budget forward traces as one graph (``budget_graphs.py``)
-    compiles_per_budget = True
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -86,16 +84,7 @@ class ElasticForCausalLM(nn.Module):
 
     def _budget_graphs(self, vllm_config: VllmConfig) -> BudgetGraphs | None:
         settings = compile_settings(vllm_config)
-        if settings is None:
-            return None
-        if not self.compiles_per_budget:
-            logger.warning(
-                "vllm-elastic: %s runs eager (its recurrent and expert layers do not "
-                "compile yet); the engine's compilation settings apply to nothing else",
-                type(self).__name__,
-            )
-            return None
-        return BudgetGraphs(self, settings)
+        return None if settings is None else BudgetGraphs(self, settings)
 
     def layer_prefix(self) -> str:
         return self.family.slices.layer_prefix.split("{i}")[0]
@@ -117,7 +106,7 @@ class ElasticForCausalLM(nn.Module):
         graphs = self.budget_graphs
         if graphs is not None and not graphs.ready and self.router.dummy:
             graphs.trace_all(embeds, positions)  # vLLM's profile run, at start-up
-        if graphs is not None and graphs.ready and len(segments) == 1:
+        if graphs is not None and graphs.ready and self._graph_serves(segments):
             return self._full_width(graphs(segments[0], positions))
         for layer in self.layers:
             layer(positions, segments, num_tokens)
@@ -127,6 +116,10 @@ class ElasticForCausalLM(nn.Module):
         for seg in segments:
             put(out[:, : seg.hidden.shape[1]], seg.idx, self._final_norm(seg))
         return out
+
+    def _graph_serves(self, segments: list[Segment]) -> bool:
+        """Whether the forward's one budget graph serves these segments."""
+        return len(segments) == 1
 
     def _full_width(self, hidden: torch.Tensor) -> torch.Tensor:
         """One budget's final hidden states in the parent's width (zeros past it)."""

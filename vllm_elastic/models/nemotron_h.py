@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -95,8 +96,6 @@ class ElasticNemotronHForCausalLM(
         "lm_head.weight": "lm_head.weight",
     }
     norm_eps_field = "layer_norm_epsilon"
-    # Mamba-2 reads the forward's metadata in Python and MoE routes by data: eager only
-    compiles_per_budget = False
     # the hybrid KV-cache allocator's questions, answered as for vLLM's NemotronH
     get_mamba_state_shape_from_config = _HYBRID["get_mamba_state_shape_from_config"]
     get_mamba_state_dtype_from_config = _HYBRID["get_mamba_state_dtype_from_config"]
@@ -104,3 +103,14 @@ class ElasticNemotronHForCausalLM(
 
     def make_layer(self, vllm_config: VllmConfig, layer: int, prefix: str) -> nn.Module:
         return ElasticNemotronHLayer(vllm_config, self.spec, layer, prefix)
+
+    def _graph_serves(self, segments: list[Segment]) -> bool:
+        """One budget whose tokens write the Mamba state heads its graph was traced with
+        (its own; a reuse request's thinking writes its answer budget's: eager)."""
+        if len(segments) != 1:
+            return False
+        mamba = next((layer.mixer for layer in self.layers if layer.kind == "M"), None)
+        seg = segments[0]
+        return mamba is None or mamba.state_budget(seg) == mamba.state_budget(
+            replace(seg, states=())
+        )

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_elastic.compat import mamba
+from vllm_elastic.compat.compile import is_compiling
 from vllm_elastic.models.layers.common import pack_linears
 from vllm_elastic.models.nested_linear import NestedLinear
 from vllm_elastic.models.routing import Segment, put, runs, stack, take
@@ -82,6 +83,8 @@ class ElasticMamba2(nn.Module):
         self.in_proj = NestedLinear(
             [(self.rows(n), h) for n, h in zip(self.budget_heads, self.hiddens)]
         )
+        n = len(spec.budgets)
+        self.covering = [[self._cover(b, s) for s in range(n)] for b in range(n)]
         self.out_proj = NestedLinear(
             [
                 (h, n * self.head_dim) if kept else None
@@ -159,13 +162,22 @@ class ElasticMamba2(nn.Module):
         return [self.in_proj, self.out_proj]
 
     # ----------------------------------------------------------------- forward
-    def _state_budget(self, seg: Segment) -> int:
+    def state_budget(self, seg: Segment) -> int:
         """The smallest budget whose in_proj level covers the segment: every head its
-        tokens' state budgets write, at its own hidden width."""
+        tokens' state budgets write, at its own hidden width (a table lookup: traceable)."""
         if self.full_state:
             return self.full_index
-        heads = max(self.budget_heads[b] for b in (seg.budget, *seg.states))
-        hidden = self.hiddens[seg.budget]
+        best = self.covering[seg.budget][seg.budget]
+        for state in seg.states:
+            cover = self.covering[seg.budget][state]
+            if self.budget_heads[cover] > self.budget_heads[best]:
+                best = cover
+        return best
+
+    def _cover(self, budget: int, state: int) -> int:
+        """The smallest budget with ``state``'s heads (at least) and ``budget``'s width."""
+        heads = max(self.budget_heads[budget], self.budget_heads[state])
+        hidden = self.hiddens[budget]
         fits = [
             b for b, (n, h) in enumerate(zip(self.budget_heads, self.hiddens))
             if n >= heads and h >= hidden
@@ -181,7 +193,7 @@ class ElasticMamba2(nn.Module):
     ) -> list[torch.Tensor | None]:
         """Every segment's state update (``xs``: normed inputs, also of segments that skip
         the layer); returns out_proj's output per kept segment, None for a skipped one."""
-        states = [self._state_budget(s) for s in segments]
+        states = [self.state_budget(s) for s in segments]
         heads = max(self.budget_heads[b] for b in states)
         width = self.rows(heads)
         proj = self._project(xs, segments, states)
@@ -207,7 +219,10 @@ class ElasticMamba2(nn.Module):
         }
         dt = per_head[:, :, self.head_dim].contiguous()
         token_heads = [(self.budget_heads[b], seg.idx) for seg, b in zip(segments, states)]
-        mamba.conv_ssm(self.mixer, xbc, dt, y, params, self.groups, token_heads)
+        if is_compiling():  # one budget, whose state heads are its own
+            mamba.conv_ssm_in_graph(self.mixer, xbc, dt, y, params, self.groups)
+        else:
+            mamba.conv_ssm(self.mixer, xbc, dt, y, params, self.groups, token_heads)
         kept = [s for s in segments if self.kept[s.budget]]
         if not kept:
             return [None] * len(segments)

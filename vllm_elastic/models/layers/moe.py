@@ -8,7 +8,8 @@ correction bias added for selection only, grouped top-k over the sliced model's
 scaled by ``routed_scaling_factor``; plus the shared expert.
 
 The experts run as a torch-native loop (gather each expert's tokens, two GEMMs at the
-budget's widths, weighted scatter-add). vLLM's fused MoE cannot serve this layer: its CPU
+budget's widths, weighted scatter-add), one custom op (``vllm_elastic::routed_experts``)
+so a compiled forward keeps it whole. vLLM's fused MoE cannot serve this layer: its CPU
 build rejects non-gated experts, and on GPU its kernels take one expert width, not a
 per-budget prefix; so every platform takes this path.
 """
@@ -117,23 +118,44 @@ class ElasticMoE(nn.Module):
     def _routed(self, x: torch.Tensor, budget: int) -> torch.Tensor:
         """The routed experts' sum for tokens of one budget (fp32, like the reference)."""
         h, n_experts, width = self.sizes[budget]
-        ids, weights = route(
-            x, self.gate_weight[:n_experts, :h], self.gate_bias[:n_experts], self.top_k,
-            self.n_group, self.topk_group, self.normalize, self.scale,
+        return torch.ops.vllm_elastic.routed_experts(
+            x, self.gate_weight, self.gate_bias, self.up, self.down, h, n_experts, width,
+            self.top_k, self.n_group, self.topk_group, self.normalize, self.scale,
         )  # fmt: skip
-        out = torch.zeros(x.shape[0], h, dtype=torch.float32, device=x.device)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=n_experts).tolist()
-        tokens = order // self.top_k
-        start = 0
-        for expert, count in enumerate(counts):
-            if not count:
-                continue
-            sel = order[start : start + count]
-            rows = tokens[start : start + count]
-            start += count
-            a = relu2_(x[rows] @ self.up[expert, :width, :h].T)
-            y = a @ self.down[expert, :h, :width].T
-            out.index_add_(0, rows, y.to(torch.float32) * weights.reshape(-1)[sel, None])
-        return out
+
+
+@torch.library.custom_op("vllm_elastic::routed_experts", mutates_args=())
+def routed_experts(
+    x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, up: torch.Tensor,
+    down: torch.Tensor, hidden: int, n_experts: int, width: int, top_k: int, n_group: int,
+    topk_group: int, normalize: bool, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """Route ``x`` (``[tokens, hidden]``) over the first ``n_experts`` experts and sum
+    their ``width``-channel relu2 outputs, weighted (fp32). One graph node: which tokens
+    each expert gets is data-dependent."""
+    ids, weights = route(
+        x, gate[:n_experts, :hidden], bias[:n_experts], top_k, n_group, topk_group,
+        normalize, scale,
+    )  # fmt: skip
+    out = torch.zeros(x.shape[0], hidden, dtype=torch.float32, device=x.device)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    tokens = order // top_k
+    start = 0
+    for expert, count in enumerate(counts):
+        if not count:
+            continue
+        sel = order[start : start + count]
+        rows = tokens[start : start + count]
+        start += count
+        a = relu2_(x[rows] @ up[expert, :width, :hidden].T)
+        y = a @ down[expert, :hidden, :width].T
+        out.index_add_(0, rows, y.to(torch.float32) * weights.reshape(-1)[sel, None])
+    return out
+
+
+@routed_experts.register_fake
+def _(x, gate, bias, up, down, hidden, n_experts, width, top_k, n_group, topk_group,
+      normalize, scale) -> torch.Tensor:  # noqa: ANN001  # fmt: skip
+    return x.new_empty(x.shape[0], hidden, dtype=torch.float32)
