@@ -191,7 +191,8 @@ def _cpu_flags() -> list[str]:
 
 
 def _git_state() -> dict[str, Any]:
-    """Commit, dirty flag and a hash of the ``vllm_elastic`` sources actually measured."""
+    """Commit, dirty flag (of everything but ``benchmarks/results``) and a hash of the
+    ``vllm_elastic`` sources actually measured."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -205,7 +206,8 @@ def _git_state() -> dict[str, Any]:
         digest.update(path.read_bytes())
     return {
         "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain")),
+        # results written by this run (or an earlier one) do not make the code dirty
+        "dirty": bool(git("status", "--porcelain", "--", ".", ":!benchmarks/results")),
         "vllm_elastic_sources_sha256": digest.hexdigest()[:16],
     }
 
