@@ -169,16 +169,15 @@ class NestedLinear:
         for c, band in enumerate(self._bands[: top + 1]):
             if band is not None:
                 n, k = self.levels[c]
-                buf = scratch.buffer(f"nested.band{c}", rows[c], n - n0, x)
+                buf = scratch.buffer(f"nested.band{c}", rows[c], n - n0, x, overwritten=True)
                 out.append((rows[c], n0, n, band(x[: rows[c], :k], buf)))
                 n0 = n
         for c in range(1, top + 1):
             strip = self._strips[c]
             if strip is not None:
                 k0, k = self.levels[c - 1][1], self.levels[c][1]
-                part = strip(
-                    x[: rows[c], k0:k], scratch.buffer("nested.strip", rows[c], strip.n, x)
-                )
+                buf = scratch.buffer("nested.strip", rows[c], strip.n, x, overwritten=True)
+                part = strip(x[: rows[c], k0:k], buf)
                 for _, b0, b1, y in out:
                     if b1 <= strip.n:  # bands below level c: the strip's rows cover them
                         y[: rows[c]] += part[:, b0:b1]

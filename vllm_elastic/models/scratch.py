@@ -17,15 +17,19 @@ from vllm_elastic.compat.compile import is_compiling
 _BUFFERS: dict[tuple[str, torch.dtype, torch.device, bool], torch.Tensor] = {}
 
 
-def buffer(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+def buffer(
+    name: str, rows: int, cols: int, like: torch.Tensor, *, overwritten: bool = False
+) -> torch.Tensor:
     """A contiguous ``[rows, cols]`` tensor of ``like``'s dtype and device.
 
     On CPU it is a view of the buffer ``name`` (grown as needed, zero-filled when
     grown): it holds whatever the last user of ``name`` left (always finite values) and
-    is overwritten by the next call with the same name.
+    is overwritten by the next call with the same name. ``overwritten``: the caller
+    writes every element before it reads any, so a compiled graph (which plans its own
+    buffers) may hand out uninitialised memory instead of zero-filling it each step.
     """
     if like.device.type != "cpu" or is_compiling():  # a compiled graph plans its own
-        return like.new_zeros(rows, cols)
+        return like.new_empty(rows, cols) if overwritten else like.new_zeros(rows, cols)
     # a buffer made under torch.inference_mode (vLLM's forward) is an inference tensor,
     # which may not be written outside it: one buffer per mode
     key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())

@@ -165,7 +165,9 @@ class GatedMLP(_ElasticMLP):
             return self.down(act, r)
         gu = None
         if self.up.fills_out:
-            gu = scratch.buffer("mlp.gate_up", x.shape[0], self.up.out_width(r), x)
+            gu = scratch.buffer(
+                "mlp.gate_up", x.shape[0], self.up.out_width(r), x, overwritten=True
+            )
         return self.down(self._activation(self.up(x, r, gu), r), r)
 
     def _activation(self, gu: torch.Tensor, r: list[tuple[int, int]]) -> torch.Tensor:
@@ -202,5 +204,5 @@ class Relu2MLP(_ElasticMLP):
     def _window(self, x: torch.Tensor, r: list[tuple[int, int]]) -> torch.Tensor:
         up = None
         if self.up.fills_out:
-            up = scratch.buffer("mlp.up", x.shape[0], self.up.out_width(r), x)
+            up = scratch.buffer("mlp.up", x.shape[0], self.up.out_width(r), x, overwritten=True)
         return self.down(relu2_(self.up(x, r, up)), r)
