@@ -61,13 +61,14 @@ def test_compiled_engine_is_exact_alone_and_mixed(name, oracle, elastic_llm, pro
     llm = elastic_llm(name, enforce_eager=False)
     assert llm.llm_engine.vllm_config.model_config.enforce_eager is False
     traced = llm.apply_model(lambda m: sorted(m.budget_graphs.compile_s))[0]
-    assert traced == sorted(budgets)
+    assert set(budgets) <= set(traced), f"a budget's own graph was not traced: {traced}"
     for b in budgets:
         got = greedy(llm, prompts, [{"elastic_budget": b}] * len(prompts), 12)
         for i, (g, w) in enumerate(zip(got, want[b])):
             assert_same_output(g, w, f"compiled {name}, budget {b} alone, prompt {i}")
     calls = llm.apply_model(lambda m: dict(m.budget_graphs.calls))[0]
-    assert sorted(calls) == list(range(len(budgets))), f"a budget ran eager alone: {calls}"
+    own = [(i, i) for i in range(len(budgets))]
+    assert sorted(calls) == own, f"a budget ran eager or another graph alone: {calls}"
     mix = [budgets[i % len(budgets)] for i in range(len(prompts))]
     got = greedy(llm, prompts, [{"elastic_budget": b} for b in mix], 12)
     for i, (g, b) in enumerate(zip(got, mix)):

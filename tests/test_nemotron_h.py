@@ -83,10 +83,11 @@ def test_reuse_thinks_small_then_answers_large(hand_reference, switch_llm, todo)
 
 
 def test_compiled_engine_switches_like_eager(hand_reference, switch_llm, todo):
-    """With vLLM's default compilation (per-budget graphs; a reuse request's thinking
-    writes its answer budget's Mamba heads, so it runs the routed eager path): recompute
-    equals the hand reference, and every output of a batch of both modes equals the
-    eager engine's, reuse included."""
+    """With vLLM's default compilation (one graph per budget and Mamba state budget: a
+    reuse request's thinking tokens run the small budget's graph that writes the answer
+    budget's heads): recompute equals the hand reference, every output of a batch of
+    both modes equals the eager engine's, reuse included, and thinking steps ran that
+    graph."""
     traces, conts = hand_reference
     modes = ["recompute", "reuse"] * len(todo)
     batch = [todo[i // 2] for i in range(len(modes))]
@@ -94,15 +95,18 @@ def test_compiled_engine_switches_like_eager(hand_reference, switch_llm, todo):
     prompts_, thinks = [p for p, _ in batch], [t for _, t in batch]
     eager = run(switch_llm(), prompts_, extra, thinks, 24)
     llm = switch_llm(enforce_eager=False)
-    before = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
+    traced = llm.apply_model(lambda m: sorted(m.budget_graphs.compile_s))[0]
+    assert f"{THINK}>{ANSWER}" in traced, traced
+    before = llm.apply_model(lambda m: dict(m.budget_graphs.calls))[0]
     got = run(llm, prompts_, extra, thinks, 24)
     assert got == eager
     for j, (g, m) in enumerate(zip(got, modes)):
         if m == "recompute":
             want = traces[j // 2] + conts[j // 2]
             assert g[: len(want)] == want, f"compiled recompute {j // 2}"
-    after = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
-    assert after > before, "no step of the batch ran a per-budget graph"
+    after = llm.apply_model(lambda m: dict(m.budget_graphs.calls))[0]
+    ran = {k for k, n in after.items() if n > before.get(k, 0)}
+    assert any(b != s for b, s in ran), f"no thinking step ran a state-budget graph: {ran}"
 
 
 def test_reuse_state_budgets_equal_every_head_written(switch_llm, todo):

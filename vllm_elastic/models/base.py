@@ -31,7 +31,7 @@ from vllm_elastic.compat.logits import sliced_logits
 from vllm_elastic.compat.runner import check_v1_runner
 from vllm_elastic.log import get_logger
 from vllm_elastic.models import norm
-from vllm_elastic.models.budget_graphs import BudgetGraphs
+from vllm_elastic.models.budget_graphs import BudgetGraphs, GraphKey
 from vllm_elastic.models.nested_linear import requested_packing, resolve_packing
 from vllm_elastic.models.routing import BudgetRouter, Segment, put
 from vllm_elastic.spec.budgets import ElasticSpec
@@ -106,8 +106,9 @@ class ElasticForCausalLM(nn.Module):
         graphs = self.budget_graphs
         if graphs is not None and not graphs.ready and self.router.dummy:
             graphs.trace_all(embeds, positions)  # vLLM's profile run, at start-up
-        if graphs is not None and graphs.ready and self._graph_serves(segments):
-            return self._full_width(graphs(segments[0], positions))
+        key = self.graph_key(segments) if graphs is not None and graphs.ready else None
+        if key is not None and key in graphs.graphs:
+            return self._full_width(graphs(key, segments[0], positions))
         for layer in self.layers:
             layer(positions, segments, num_tokens)
         if len(segments) == 1:
@@ -117,9 +118,13 @@ class ElasticForCausalLM(nn.Module):
             put(out[:, : seg.hidden.shape[1]], seg.idx, self._final_norm(seg))
         return out
 
-    def _graph_serves(self, segments: list[Segment]) -> bool:
-        """Whether the forward's one budget graph serves these segments."""
-        return len(segments) == 1
+    def graph_keys(self) -> list[GraphKey]:
+        """The compiled graphs to trace: one per budget (no recurrent state to key by)."""
+        return [(b.index, b.index) for b in self.spec.budgets]
+
+    def graph_key(self, segments: list[Segment]) -> GraphKey | None:
+        """The compiled graph that serves these segments, None for the routed path."""
+        return (segments[0].budget,) * 2 if len(segments) == 1 else None
 
     def _full_width(self, hidden: torch.Tensor) -> torch.Tensor:
         """One budget's final hidden states in the parent's width (zeros past it)."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from vllm.model_executor.models.interfaces import (
 
 from vllm_elastic.compat.mamba import hybrid_classmethods
 from vllm_elastic.models.base import ElasticForCausalLM, kept_flags, layer_inputs
+from vllm_elastic.models.budget_graphs import GraphKey
 from vllm_elastic.models.layers.attention import ElasticAttention
 from vllm_elastic.models.layers.mamba2 import ElasticMamba2
 from vllm_elastic.models.layers.mlp import Relu2MLP
@@ -104,13 +104,23 @@ class ElasticNemotronHForCausalLM(
     def make_layer(self, vllm_config: VllmConfig, layer: int, prefix: str) -> nn.Module:
         return ElasticNemotronHLayer(vllm_config, self.spec, layer, prefix)
 
-    def _graph_serves(self, segments: list[Segment]) -> bool:
-        """One budget whose tokens write the Mamba state heads its graph was traced with
-        (its own; a reuse request's thinking writes its answer budget's: eager)."""
-        if len(segments) != 1:
-            return False
-        mamba = next((layer.mixer for layer in self.layers if layer.kind == "M"), None)
+    def _mamba(self) -> ElasticMamba2 | None:
+        return next((layer.mixer for layer in self.layers if layer.kind == "M"), None)
+
+    def graph_keys(self) -> list[GraphKey]:
+        """Per budget, one graph per Mamba state budget its tokens can write: its own,
+        and each larger budget a ``reuse`` request can answer at (thinking tokens write
+        the answer budget's heads)."""
+        mamba = self._mamba()
+        if mamba is None:
+            return super().graph_keys()
+        n = len(self.spec.budgets)
+        return sorted({(b, mamba.state_budget(b, (s,))) for b in range(n) for s in range(n)})
+
+    def graph_key(self, segments: list[Segment]) -> GraphKey | None:
+        """One segment: its budget and the state budget its tokens write."""
+        mamba = self._mamba()
+        if mamba is None or len(segments) != 1:
+            return super().graph_key(segments)
         seg = segments[0]
-        return mamba is None or mamba.state_budget(seg) == mamba.state_budget(
-            replace(seg, states=())
-        )
+        return seg.budget, mamba.state_budget(seg.budget, seg.states)

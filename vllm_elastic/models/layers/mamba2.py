@@ -162,14 +162,16 @@ class ElasticMamba2(nn.Module):
         return [self.in_proj, self.out_proj]
 
     # ----------------------------------------------------------------- forward
-    def state_budget(self, seg: Segment) -> int:
-        """The smallest budget whose in_proj level covers the segment: every head its
-        tokens' state budgets write, at its own hidden width (a table lookup: traceable)."""
+    def state_budget(self, budget: int, states: tuple[int, ...]) -> int:
+        """The smallest budget whose in_proj level covers ``budget``'s tokens writing the
+        heads of every one of ``states``, at ``budget``'s hidden width (a table lookup:
+        traceable). It covers itself: ``state_budget(b, (state_budget(b, s),))`` is
+        ``state_budget(b, s)``."""
         if self.full_state:
             return self.full_index
-        best = self.covering[seg.budget][seg.budget]
-        for state in seg.states:
-            cover = self.covering[seg.budget][state]
+        best = self.covering[budget][budget]
+        for state in states:
+            cover = self.covering[budget][state]
             if self.budget_heads[cover] > self.budget_heads[best]:
                 best = cover
         return best
@@ -193,7 +195,7 @@ class ElasticMamba2(nn.Module):
     ) -> list[torch.Tensor | None]:
         """Every segment's state update (``xs``: normed inputs, also of segments that skip
         the layer); returns out_proj's output per kept segment, None for a skipped one."""
-        states = [self.state_budget(s) for s in segments]
+        states = [self.state_budget(s.budget, s.states) for s in segments]
         heads = max(self.budget_heads[b] for b in states)
         width = self.rows(heads)
         proj = self._project(xs, segments, states)
@@ -219,7 +221,7 @@ class ElasticMamba2(nn.Module):
         }
         dt = per_head[:, :, self.head_dim].contiguous()
         token_heads = [(self.budget_heads[b], seg.idx) for seg, b in zip(segments, states)]
-        if is_compiling():  # one budget, whose state heads are its own
+        if is_compiling():  # one budget and one state budget: every token the same heads
             mamba.conv_ssm_in_graph(self.mixer, xbc, dt, y, params, self.groups)
         else:
             mamba.conv_ssm(self.mixer, xbc, dt, y, params, self.groups, token_heads)
