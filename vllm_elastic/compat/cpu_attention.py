@@ -17,6 +17,7 @@ backend's ``isa`` is only set on the layers after the profile run that traces th
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -25,16 +26,21 @@ import torch.nn.functional as F
 # scheduler metadata per (query heads, KV heads) of the current forward's attention
 # metadata, which is held here so that it is compared by identity, never by a reused id
 _CACHE: dict[str, Any] = {"meta": None, "by_heads": {}}
+# layers found supported (kept: a layer's backend and cache never change once its ``isa``
+# is set, the last of the checked attributes to appear)
+_SUPPORTED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def supported(attn: Any) -> bool:
     """Whether ``attend`` can serve this vLLM attention layer (CPU backend, its
     head-major ``LBHNC`` cache layout, plain cache)."""
+    if attn in _SUPPORTED:
+        return True
     from vllm.v1.kv_cache_interface import KVCacheLayout
 
     impl = attn.impl
     backend = attn.attn_backend
-    return (
+    ok = (
         backend.get_name() == "CPU_ATTN"
         and tuple(backend.supported_kv_cache_layouts()) == (KVCacheLayout.LBHNC,)
         and type(impl).__name__ == "CPUAttentionBackendImpl"
@@ -46,6 +52,9 @@ def supported(attn: Any) -> bool:
         and not getattr(impl, "use_zentorch_sdpa", False)
         and hasattr(attn, "isa")
     )
+    if ok:
+        _SUPPORTED.add(attn)
+    return ok
 
 
 def _scheduler_metadata(
@@ -78,14 +87,16 @@ def _scheduler_metadata(
 
 
 def attend(
-    attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_groups: int
-) -> torch.Tensor | None:
+    attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_groups: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:  # fmt: skip
     """Attention of the budget's own heads for tokens that keep ``kv_groups`` KV groups.
 
     ``q`` holds those groups' query heads (``kv_groups * G * head_dim`` columns), ``k`` /
     ``v`` every KV head: all of them are written to the cache, the first ``kv_groups`` are
-    read. Returns ``[tokens, kv_groups * G * head_dim]``, or None when vLLM's path must run
-    (no attention metadata, e.g. a profile run). Call only when ``supported(attn)``.
+    read. Returns ``[tokens, kv_groups * G * head_dim]`` (``out`` when given, contiguous),
+    or None when vLLM's path must run (no attention metadata, e.g. a profile run). Call
+    only when ``supported(attn)``.
     """
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.attention.attention import (
@@ -103,7 +114,8 @@ def attend(
     n = meta.num_actual_tokens
     blocks, _, block_size, _ = kv_cache.size()
     key_cache, value_cache = kv_cache.view(blocks, n_kv, block_size * 2, -1).chunk(2, dim=2)
-    out = q.new_empty(q.shape[0], heads * hd)
+    if out is None:
+        out = q.new_empty(q.shape[0], heads * hd)
     ops.cpu_attention_with_kv_cache(
         query=q[:n].reshape(n, heads, hd),
         key_cache=key_cache[:, :kv_groups],
@@ -138,11 +150,10 @@ def own_heads_attention(
     from vllm.forward_context import get_forward_context
 
     attn = get_forward_context().no_compile_layers[layer_name]
-    y = attend(attn, q, k, v, kv_groups) if supported(attn) else None
-    if y is None:
-        wide = F.pad(q, (0, attn.num_heads * attn.head_size - q.shape[1]))
-        y = attn(wide, k, v)[:, : out.shape[1]]
-    out.copy_(y)
+    if supported(attn) and attend(attn, q, k, v, kv_groups, out) is not None:
+        return
+    wide = F.pad(q, (0, attn.num_heads * attn.head_size - q.shape[1]))
+    out.copy_(attn(wide, k, v)[:, : out.shape[1]])
 
 
 @own_heads_attention.register_fake

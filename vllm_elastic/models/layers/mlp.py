@@ -159,7 +159,8 @@ class GatedMLP(_ElasticMLP):
     def _window(self, x: torch.Tensor, r: list[tuple[int, int]]) -> torch.Tensor:
         blocks = self.up.blocks(x, r)
         if blocks is not None:
-            act = scratch.buffer("mlp.act", x.shape[0], blocks[-1][2] // 2, x)
+            # each row's columns up to its level are written, and down reads no others
+            act = scratch.buffer("mlp.act", x.shape[0], blocks[-1][2] // 2, x, overwritten=True)
             for rows, n0, n, y in blocks:  # band [n0/2, n/2) of the channels: gate | up
                 silu_mul(y, act[:rows, n0 // 2 : n // 2])
             return self.down(act, r)
@@ -173,7 +174,8 @@ class GatedMLP(_ElasticMLP):
     def _activation(self, gu: torch.Tensor, r: list[tuple[int, int]]) -> torch.Tensor:
         """SiLU(gate) * up, band by band of the band-major gate_up output."""
         inters = [self.inters[b] for b, _ in r]
-        act = scratch.buffer("mlp.act", gu.shape[0], max(inters), gu)
+        # each run's channels up to its own are written, and down reads no others
+        act = scratch.buffer("mlp.act", gu.shape[0], max(inters), gu, overwritten=True)
         if len(r) == 1 and inters[0] == self.bounds[0]:
             n = self.bounds[0]
             return silu_mul(gu[:, : 2 * n], act)
