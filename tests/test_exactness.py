@@ -61,7 +61,10 @@ def test_compiled_engine_is_exact_alone_and_mixed(name, oracle, elastic_llm, pro
     llm = elastic_llm(name, enforce_eager=False)
     assert llm.llm_engine.vllm_config.model_config.enforce_eager is False
     traced = llm.apply_model(lambda m: sorted(m.budget_graphs.compile_s))[0]
+    extra = set(traced) - set(budgets)  # NemotronH: "<budget>><larger budget>" state graphs
     assert set(budgets) <= set(traced), f"a budget's own graph was not traced: {traced}"
+    assert all(k.split(">") in [[a, b] for a in budgets for b in budgets] for k in extra)
+    assert bool(extra) == (name == "hybrid"), f"state-budget graphs: {sorted(extra)}"
     for b in budgets:
         got = greedy(llm, prompts, [{"elastic_budget": b}] * len(prompts), 12)
         for i, (g, w) in enumerate(zip(got, want[b])):

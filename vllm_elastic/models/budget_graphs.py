@@ -89,7 +89,7 @@ class BudgetGraphs:
             self.compile_s[label] = round(time.perf_counter() - start, 2)
             self.graphs[key] = fn
         logger.info(
-            "vllm-elastic: compiled one graph per budget (backend %s) in %s s",
+            "vllm-elastic: compiled one graph per budget and state budget (backend %s) in %s s",
             self.settings.backend,
             self.compile_s,
         )

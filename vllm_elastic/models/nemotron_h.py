@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -104,14 +105,16 @@ class ElasticNemotronHForCausalLM(
     def make_layer(self, vllm_config: VllmConfig, layer: int, prefix: str) -> nn.Module:
         return ElasticNemotronHLayer(vllm_config, self.spec, layer, prefix)
 
+    @functools.cached_property
     def _mamba(self) -> ElasticMamba2 | None:
+        """A Mamba mixer (every one holds the same state-budget table), None without."""
         return next((layer.mixer for layer in self.layers if layer.kind == "M"), None)
 
     def graph_keys(self) -> list[GraphKey]:
         """Per budget, one graph per Mamba state budget its tokens can write: its own,
         and each larger budget a ``reuse`` request can answer at (thinking tokens write
         the answer budget's heads)."""
-        mamba = self._mamba()
+        mamba = self._mamba
         if mamba is None:
             return super().graph_keys()
         n = len(self.spec.budgets)
@@ -119,7 +122,7 @@ class ElasticNemotronHForCausalLM(
 
     def graph_key(self, segments: list[Segment]) -> GraphKey | None:
         """One segment: its budget and the state budget its tokens write."""
-        mamba = self._mamba()
+        mamba = self._mamba
         if mamba is None or len(segments) != 1:
             return super().graph_key(segments)
         seg = segments[0]

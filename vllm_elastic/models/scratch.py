@@ -24,9 +24,11 @@ def buffer(
 
     On CPU it is a view of the buffer ``name`` (grown as needed, zero-filled when
     grown): it holds whatever the last user of ``name`` left (always finite values) and
-    is overwritten by the next call with the same name. ``overwritten``: the caller
-    writes every element before it reads any, so a compiled graph (which plans its own
-    buffers) may hand out uninitialised memory instead of zero-filling it each step.
+    is overwritten by the next call with the same name. ``overwritten``: every
+    element that is ever read is written first (a mixed batch's lower-budget rows may
+    leave columns past their width unwritten, which nothing reads), so a compiled graph
+    (which plans its own buffers) may hand out uninitialised memory instead of
+    zero-filling it each step.
     """
     if like.device.type != "cpu" or is_compiling():  # a compiled graph plans its own
         return like.new_empty(rows, cols) if overwritten else like.new_zeros(rows, cols)
