@@ -96,6 +96,7 @@ def test_register_is_idempotent_and_blocks_transformers_fallback(elastic_llm):
     [
         ({"weight_packng": "nested"}, r"unknown key\(s\) \['weight_packng'\]; known keys"),
         ({"mlp_window": 0}, r"elastic.mlp_window: expected an int >= 1"),
+        ({"mixed_graphs": "yes"}, r"elastic.mixed_graphs: expected true or false"),
         ({"elastic_budget": "huge"}, r"unknown budget 'huge'"),
     ],
 )

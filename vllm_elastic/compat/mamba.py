@@ -83,7 +83,7 @@ def conv_ssm(
     out: torch.Tensor,
     params: dict[str, torch.Tensor],
     groups: int,
-    token_heads: list[tuple[int, slice | torch.Tensor]] | None = None,
+    token_heads: torch.Tensor | None = None,
 ) -> bool:
     """Conv + SSM over every token of the forward for the first ``heads`` heads of the
     elastic layer's head order (``out.shape[1]``), with vLLM's Mamba-2 kernels (the
@@ -93,9 +93,10 @@ def conv_ssm(
     ``xbc`` ``[tokens, 2*groups*N + heads*P]``; ``dt`` ``[tokens, heads]``; ``out``
     ``[tokens, heads, P]`` is written; ``params`` hold ``conv_weight`` ``[channels, K]``,
     ``conv_bias``, ``A``, ``D``, ``dt_bias`` (already cut to these channels and heads).
-    Head ``j`` reads B/C group ``j % groups``. ``token_heads``: ``(heads, token index)``
-    per group of tokens; decode tokens of a group that needs fewer heads update only those
-    (prefill tokens run at every head of ``out``). Returns False in a profile run.
+    Head ``j`` reads B/C group ``j % groups``. ``token_heads``: per token, how many heads
+    its state update covers (None: all of ``out``'s); a decode token that needs fewer
+    updates only those (prefill tokens run at every head of ``out``). Returns False in a
+    profile run.
     """
     from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
     from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
@@ -186,31 +187,31 @@ def conv_ssm(
 def mamba_conv_ssm(
     xbc: torch.Tensor, dt: torch.Tensor, out: torch.Tensor, conv_weight: torch.Tensor,
     conv_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
-    layer_name: str, groups: int,
+    token_heads: torch.Tensor | None, layer_name: str, groups: int,
 ) -> None:  # fmt: skip
-    """``conv_ssm`` as a graph node: every token at every head of ``out``, for the state
-    mixer registered as ``layer_name`` (a compiled forward of one budget)."""
+    """``conv_ssm`` as a graph node, for the state mixer registered as ``layer_name``."""
     from vllm.forward_context import get_forward_context
 
     mixer = get_forward_context().no_compile_layers[layer_name]
     params = {"conv_weight": conv_weight, "conv_bias": conv_bias, "A": A, "D": D,
               "dt_bias": dt_bias}  # fmt: skip
-    conv_ssm(mixer, xbc, dt, out, params, groups)
+    conv_ssm(mixer, xbc, dt, out, params, groups, token_heads)
 
 
 @mamba_conv_ssm.register_fake
-def _(xbc, dt, out, conv_weight, conv_bias, A, D, dt_bias, layer_name, groups) -> None:  # noqa: ANN001, N803
+def _(xbc, dt, out, conv_weight, conv_bias, A, D, dt_bias, token_heads, layer_name,  # noqa: ANN001, N803
+      groups) -> None:  # noqa: ANN001  # fmt: skip
     return None
 
 
 def conv_ssm_in_graph(
     mixer: Any, xbc: torch.Tensor, dt: torch.Tensor, out: torch.Tensor,
-    params: dict[str, torch.Tensor], groups: int,
+    params: dict[str, torch.Tensor], groups: int, token_heads: torch.Tensor | None,
 ) -> None:  # fmt: skip
-    """``conv_ssm`` of one budget's tokens inside a compiled graph (``mamba_conv_ssm``)."""
+    """``conv_ssm`` inside a compiled graph (``mamba_conv_ssm``)."""
     torch.ops.vllm_elastic.mamba_conv_ssm(
         xbc, dt, out, params["conv_weight"], params["conv_bias"], params["A"], params["D"],
-        params["dt_bias"], mixer.prefix, groups,
+        params["dt_bias"], token_heads, mixer.prefix, groups,
     )  # fmt: skip
 
 
@@ -219,28 +220,19 @@ def _rows_of(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 def _decode_groups(
-    md: Any,
-    token_heads: list[tuple[int, slice | torch.Tensor]] | None,
-    nd: int,
-    heads: int,
+    md: Any, token_heads: torch.Tensor | None, nd: int, heads: int
 ) -> list[tuple[torch.Tensor | None, int]]:
     """Decode tokens grouped by the heads they update: ``[(None, heads)]`` (all of them
-    at every head) unless groups need fewer heads and every decode request has one
-    token (no speculative decoding)."""
-    if (
-        token_heads is None
-        or len({h for h, _ in token_heads}) < 2
-        or md.query_start_loc_d is not None
-        or md.num_accepted_tokens is not None
-    ):
+    at every head) unless some need fewer and every decode request has one token (no
+    speculative decoding)."""
+    speculative = md.query_start_loc_d is not None or md.num_accepted_tokens is not None
+    if token_heads is None or speculative:
         return [(None, heads)]
-    found: dict[int, list[torch.Tensor]] = {}
-    for h, idx in token_heads:
-        if isinstance(idx, slice):
-            idx = torch.arange(idx.start or 0, idx.stop, device=md.state_indices_tensor_d.device)
-        found.setdefault(h, []).append(idx[idx < nd])
-    groups = [(torch.cat(parts), h) for h, parts in found.items()]
-    return [(rows, h) for rows, h in groups if rows.numel()]
+    decode = token_heads[:nd]
+    found = torch.unique(decode).tolist()
+    if found == [heads]:
+        return [(None, heads)]
+    return [(torch.nonzero(decode == h).flatten(), h) for h in found]
 
 
 def hybrid_classmethods() -> dict[str, Any]:

@@ -35,6 +35,7 @@ from vllm_elastic.models.budget_graphs import BudgetGraphs, GraphKey
 from vllm_elastic.models.nested_linear import requested_packing, resolve_packing
 from vllm_elastic.models.routing import BudgetRouter, Segment, put
 from vllm_elastic.spec.budgets import ElasticSpec
+from vllm_elastic.spec.engine_options import engine_options
 
 logger = get_logger(__name__)
 
@@ -84,7 +85,9 @@ class ElasticForCausalLM(nn.Module):
 
     def _budget_graphs(self, vllm_config: VllmConfig) -> BudgetGraphs | None:
         settings = compile_settings(vllm_config)
-        return None if settings is None else BudgetGraphs(self, settings)
+        if settings is None:
+            return None
+        return BudgetGraphs(self, settings, engine_options(vllm_config).mixed_graphs)
 
     def layer_prefix(self) -> str:
         return self.family.slices.layer_prefix.split("{i}")[0]
@@ -107,24 +110,39 @@ class ElasticForCausalLM(nn.Module):
         if graphs is not None and not graphs.ready and self.router.dummy:
             graphs.trace_all(embeds, positions)  # vLLM's profile run, at start-up
         key = self.graph_key(segments) if graphs is not None and graphs.ready else None
-        if key is not None:  # one of graph_keys(): all traced together
-            return self._full_width(graphs(key, segments[0], positions))
+        if key is not None and graphs.serves(key):  # one of graph_keys(): all traced
+            return self._full_width(graphs(key, segments, positions))
+        return self._full_width(self.run_segments(positions, segments, num_tokens))
+
+    def run_segments(
+        self, positions: torch.Tensor, segments: list[Segment], num_tokens: int
+    ) -> torch.Tensor:
+        """The layer stack and final norm: one segment's output at its budget's width,
+        several segments' in forward token order at the parent's width."""
         for layer in self.layers:
             layer(positions, segments, num_tokens)
         if len(segments) == 1:
-            return self._full_width(self._final_norm(segments[0]))
-        out = embeds.new_zeros(num_tokens, self.hidden_size)
+            return self._final_norm(segments[0])
+        out = segments[0].hidden.new_zeros(num_tokens, self.hidden_size)
         for seg in segments:
             put(out[:, : seg.hidden.shape[1]], seg.idx, self._final_norm(seg))
         return out
 
-    def graph_keys(self) -> list[GraphKey]:
-        """The compiled graphs to trace: one per budget (no recurrent state to key by)."""
-        return [(b.index, b.index) for b in self.spec.budgets]
+    def budget_mixes(self) -> list[list[int]]:
+        """Every set of budgets a batch can hold, each largest budget first (the
+        router's segment order)."""
+        order = sorted(range(len(self.spec.budgets)), key=self.router.rank.__getitem__)
+        return [
+            [b for i, b in enumerate(order) if mask >> i & 1] for mask in range(1, 1 << len(order))
+        ]
 
-    def graph_key(self, segments: list[Segment]) -> GraphKey | None:
-        """The compiled graph that serves these segments, None for the routed path."""
-        return (segments[0].budget,) * 2 if len(segments) == 1 else None
+    def graph_keys(self) -> list[GraphKey]:
+        """The compiled graphs to trace: one per budget mix (no recurrent state to key by)."""
+        return [tuple((b, b) for b in mix) for mix in self.budget_mixes()]
+
+    def graph_key(self, segments: list[Segment]) -> GraphKey:
+        """The compiled graph that serves these segments."""
+        return tuple((s.budget, s.budget) for s in segments)
 
     def _full_width(self, hidden: torch.Tensor) -> torch.Tensor:
         """One budget's final hidden states in the parent's width (zeros past it)."""

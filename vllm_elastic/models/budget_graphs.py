@@ -1,15 +1,18 @@
-"""One compiled graph per budget (and state budget): the forward of a batch whose tokens
-share one budget.
+"""Compiled forwards, one per *mix* of budgets (and state budgets) a batch can hold.
 
-Routing tokens to budgets is data-dependent, but a batch of one budget routes every
-token the same way: its layer stack is a fixed function of the hidden states and
-positions, which compiles like a stock model (``compat/compile.py``: traced once with a
-dynamic token count, no guards). A family whose layers write recurrent state keys its
-graphs by ``(budget, state budget)`` too: a ``reuse`` request's thinking tokens run the
-thinking budget but write the answer budget's Mamba heads, a different fixed function
-(``GraphKey``). Mixed batches run the routed eager forward. Every key's graph is traced
-in vLLM's profile run at start-up, so no request waits for a compile; the time is logged
-and kept in ``compile_s``.
+Routing tokens to budgets is data-dependent, but once the batch is grouped by budget
+(``models/routing.py``) its layer stack is a fixed function of each group's hidden
+states, token positions and forward-order indices: which budgets are present decides
+the code, how many tokens each has does not. So every mix compiles like a stock model
+(``compat/compile.py``: traced once with every token count dynamic, no guards): a batch
+of one budget (one segment, no gathers), and each set of budgets a mixed batch can hold
+(one segment per budget, largest first, each with its own token count). A family whose
+layers write recurrent state keys its segments by ``(budget, state budget)`` too: a
+``reuse`` request's thinking tokens run the thinking budget but write the answer
+budget's Mamba heads, a different fixed function. Every key's graph is traced in vLLM's
+profile run at start-up, so no request waits for a compile; the time is logged and kept
+in ``compile_s``. The engine option ``mixed_graphs: false`` compiles the one-budget
+graphs only (mixed batches then run the routed eager forward).
 """
 
 from __future__ import annotations
@@ -27,28 +30,43 @@ from vllm_elastic.models.routing import Segment
 
 logger = get_logger(__name__)
 
-# (budget index of the tokens, budget index of the state they write)
-GraphKey = tuple[int, int]
+# per segment of the batch, largest budget first: (budget index of its tokens, budget
+# index of the recurrent state they write)
+GraphKey = tuple[tuple[int, int], ...]
 
 
-def _one_budget_forward(
-    model: Any, budget: int, state: int, hidden: torch.Tensor, positions: torch.Tensor
+def _segments_forward(
+    model: Any, key: GraphKey, positions: torch.Tensor, *tensors: torch.Tensor
 ) -> torch.Tensor:
-    """The layer stack and final norm for tokens that all run at ``budget`` and write
-    ``state``'s recurrent state; ``hidden`` holds their embeddings at the budget's width."""
-    n = hidden.shape[0]
-    seg = Segment(budget, slice(None), n, hidden, states=(state,))  # slice(0, n) pins n
-    for layer in model.layers:
-        layer(positions, [seg], n)
-    return model._final_norm(seg)
+    """The layer stack and final norm of a batch grouped as ``key`` says: ``tensors`` are
+    each segment's hidden states (at its budget's width), then, for more than one
+    segment, each one's token indices in the forward."""
+    n = positions.shape[0]
+    if len(key) == 1:
+        (budget, state), hidden = key[0], tensors[0]
+        segments = [Segment(budget, slice(None), n, hidden, states=(state,))]
+    else:
+        hiddens, idxs = tensors[: len(key)], tensors[len(key) :]
+        segments = [
+            Segment(b, idx, idx.shape[0], h, states=(s,))
+            for (b, s), h, idx in zip(key, hiddens, idxs)
+        ]
+    return model.run_segments(positions, segments, n)
+
+
+def _index(idx: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(idx, torch.Tensor):
+        return idx
+    return torch.arange(idx.start, idx.stop, device=device)
 
 
 class BudgetGraphs:
     """The compiled forwards of one model, one per ``model.graph_keys()``."""
 
-    def __init__(self, model: Any, settings: CompileSettings) -> None:
+    def __init__(self, model: Any, settings: CompileSettings, mixed: bool = True) -> None:
         self.model = model
         self.settings = settings
+        self.mixed = mixed  # engine option mixed_graphs: graphs for mixed batches too
         self.graphs: dict[GraphKey, Callable[..., torch.Tensor]] = {}
         self.compile_s: dict[str, float] = {}
         self.calls: dict[GraphKey, int] = {}  # forwards served per key
@@ -57,30 +75,47 @@ class BudgetGraphs:
     def ready(self) -> bool:
         return bool(self.graphs)
 
+    def serves(self, key: GraphKey) -> bool:
+        """Whether ``key``'s batches run a graph (without ``mixed_graphs``, a mixed batch
+        runs the routed eager forward)."""
+        return self.mixed or len(key) == 1
+
     def label(self, key: GraphKey) -> str:
-        """``"small"``, or ``"small>full"`` for small tokens writing full's state."""
-        names = [self.model.spec.budgets[i].name for i in key]
-        return names[0] if key[0] == key[1] else ">".join(names)
+        """``"small"``; ``"small>full"`` for small tokens writing full's state;
+        ``"full+small"`` for a batch of both."""
+        names = self.model.spec.budgets
+        return "+".join(
+            names[b].name if b == s else f"{names[b].name}>{names[s].name}" for b, s in key
+        )
+
+    def _example(self, key: GraphKey, embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Inputs for tracing ``key`` from the profile run's embeddings: segment token
+        counts all different (dynamo gives equal sizes one symbol) and at least 2."""
+        n, k = embeds.shape[0], len(key)
+        sizes = [*range(2, k + 1), n - sum(range(2, k + 1))]
+        idxs = list(torch.arange(n, device=embeds.device).split(sizes))
+        width = [self.model.spec.budgets[b].hidden_size for b, _ in key]
+        hiddens = [embeds[i][:, :w].contiguous() for i, w in zip(idxs, width)]
+        return hiddens if k == 1 else [*hiddens, *idxs]
 
     def trace_all(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
         """Compile every key's graph on the profile run's dummy batch."""
-        if embeds.shape[0] < 2:  # a dynamic dimension is traced at a size >= 2
+        keys = [k for k in self.model.graph_keys() if self.serves(k)]
+        need = sum(range(2, max(len(k) for k in keys) + 2))
+        if embeds.shape[0] < need:  # each dynamic token count traced at a distinct size >= 2
             logger.warning(
-                "vllm-elastic: a %d-token profile run cannot trace the per-budget graphs; "
-                "waiting for a larger one (eager until then)",
-                embeds.shape[0],
-            )
-            return
-        for key in self.model.graph_keys():
-            label = self.label(key)
-            fn = compile_budget_forward(
-                _one_budget_forward, f"elastic_{label.replace('>', '_to_')}_forward",
-                self.settings,
+                "vllm-elastic: a %d-token profile run cannot trace the budget graphs; "
+                "waiting for one of at least %d tokens (eager until then)",
+                embeds.shape[0], need,
             )  # fmt: skip
+            return
+        for key in keys:
+            label = self.label(key)
+            name = label.replace(">", "_to_").replace("+", "_and_")
+            fn = compile_budget_forward(_segments_forward, f"elastic_{name}_forward", self.settings)
             start = time.perf_counter()
-            h = embeds[:, : self.model.spec.budgets[key[0]].hidden_size].contiguous()
             try:
-                fn(self.model, *key, h, positions)
+                fn(self.model, key, positions, *self._example(key, embeds))
             except Exception as e:  # noqa: BLE001 - re-raised with what to do
                 raise ElasticConfigError(
                     f"vllm-elastic could not compile the {label!r} forward "
@@ -89,11 +124,17 @@ class BudgetGraphs:
             self.compile_s[label] = round(time.perf_counter() - start, 2)
             self.graphs[key] = fn
         logger.info(
-            "vllm-elastic: compiled one graph per budget and state budget (backend %s) in %s s",
-            self.settings.backend,
+            "vllm-elastic: compiled %d graphs (one per budget mix, backend %s) in %.1f s: %s",
+            len(self.graphs), self.settings.backend, sum(self.compile_s.values()),
             self.compile_s,
-        )
+        )  # fmt: skip
 
-    def __call__(self, key: GraphKey, seg: Segment, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, key: GraphKey, segments: list[Segment], positions: torch.Tensor
+    ) -> torch.Tensor:
         self.calls[key] = self.calls.get(key, 0) + 1
-        return self.graphs[key](self.model, *key, seg.hidden, positions)
+        hiddens = [s.hidden for s in segments]
+        if len(segments) == 1:
+            return self.graphs[key](self.model, key, positions, hiddens[0])
+        idxs = [_index(s.idx, positions.device) for s in segments]
+        return self.graphs[key](self.model, key, positions, *hiddens, *idxs)

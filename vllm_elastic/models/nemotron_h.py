@@ -113,17 +113,31 @@ class ElasticNemotronHForCausalLM(
     def graph_keys(self) -> list[GraphKey]:
         """Per budget, one graph per Mamba state budget its tokens can write: its own,
         and each larger budget a ``reuse`` request can answer at (thinking tokens write
-        the answer budget's heads)."""
+        the answer budget's heads). Per mix of budgets, two: every segment writing its
+        own state, and every segment writing the parent's (a mixed batch in which some
+        request writes more than its own: a bound on the graphs, see ``graph_key``)."""
         mamba = self._mamba
         if mamba is None:
             return super().graph_keys()
-        n = len(self.spec.budgets)
-        return sorted({(b, mamba.state_budget(b, (s,))) for b in range(n) for s in range(n)})
+        n, full = len(self.spec.budgets), self.spec.full.index
+        keys = {((b, mamba.state_budget(b, (s,))),): None for b in range(n) for s in range(n)}
+        for mix in self.budget_mixes():
+            if len(mix) > 1:
+                for state in (None, full):
+                    keys[tuple((b, mamba.state_budget(b, (b if state is None else state,)))
+                               for b in mix)] = None  # fmt: skip
+        return list(keys)
 
-    def graph_key(self, segments: list[Segment]) -> GraphKey | None:
-        """One segment: its budget and the state budget its tokens write."""
+    def graph_key(self, segments: list[Segment]) -> GraphKey:
+        """One segment: its budget and the state budget its tokens write. Several: their
+        own state budgets if that is what every segment writes, else the parent's for
+        every segment (tokens then also write heads no request of theirs reads, which
+        changes no output, as ``full_state`` shows)."""
         mamba = self._mamba
-        if mamba is None or len(segments) != 1:
+        if mamba is None:
             return super().graph_key(segments)
-        seg = segments[0]
-        return seg.budget, mamba.state_budget(seg.budget, seg.states)
+        key = tuple((s.budget, mamba.state_budget(s.budget, s.states)) for s in segments)
+        if len(key) == 1 or all(st == mamba.state_budget(b, (b,)) for b, st in key):
+            return key
+        full = self.spec.full.index
+        return tuple((b, mamba.state_budget(b, (full,))) for b, _ in key)

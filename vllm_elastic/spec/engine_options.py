@@ -42,6 +42,8 @@ ENGINE_KEYS: dict[str, str] = {
     "weight_packing": f"CPU weight storage ({' | '.join(PACKINGS)})",
     "mlp_window": "rows per MLP pass in long prefills (int >= 1)",
     "full_state": "every token writes the recurrent state of every Mamba head (bool)",
+    "mixed_graphs": "compile a graph per mix of budgets at start-up (bool; false: mixed "
+    "batches run the routed eager forward, fewer graphs to compile)",
     "base_scheduler_cls": "scheduler the recompute hook wraps (set from --scheduler-cls)",
 }
 
@@ -55,6 +57,7 @@ class EngineOptions:
     weight_packing: str = "auto"
     mlp_window: int = DEFAULT_MLP_WINDOW
     full_state: bool = False
+    mixed_graphs: bool = True
     base_scheduler_cls: str | None = None
 
 
@@ -90,6 +93,11 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         raise ElasticConfigError(
             f"elastic.full_state: expected true or false, got {short(full_state)}"
         )
+    mixed = section.get("mixed_graphs", True)
+    if not isinstance(mixed, bool):
+        raise ElasticConfigError(
+            f"elastic.mixed_graphs: expected true or false, got {short(mixed)}"
+        )
     base = section.get("base_scheduler_cls")
     if base is not None and not isinstance(base, str):
         raise ElasticConfigError(
@@ -102,6 +110,7 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         weight_packing=packing,
         mlp_window=window,
         full_state=full_state,
+        mixed_graphs=mixed,
         base_scheduler_cls=base,
     )
 

@@ -220,9 +220,9 @@ class ElasticMamba2(nn.Module):
             "dt_bias": self.dt_bias[:heads],
         }
         dt = per_head[:, :, self.head_dim].contiguous()
-        token_heads = [(self.budget_heads[b], seg.idx) for seg, b in zip(segments, states)]
-        if is_compiling():  # one budget and one state budget: every token the same heads
-            mamba.conv_ssm_in_graph(self.mixer, xbc, dt, y, params, self.groups)
+        token_heads = self._token_heads(segments, states, proj)
+        if is_compiling():
+            mamba.conv_ssm_in_graph(self.mixer, xbc, dt, y, params, self.groups, token_heads)
         else:
             mamba.conv_ssm(self.mixer, xbc, dt, y, params, self.groups, token_heads)
         kept = [s for s in segments if self.kept[s.budget]]
@@ -236,6 +236,19 @@ class ElasticMamba2(nn.Module):
             next(parts)[:, : self.hiddens[s.budget]] if self.kept[s.budget] else None
             for s in segments
         ]
+
+    def _token_heads(
+        self, segments: list[Segment], states: list[int], like: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Heads each token's state update covers (its state budget's), in forward token
+        order; None when every token's are the same."""
+        heads = [self.budget_heads[b] for b in states]
+        if len(set(heads)) < 2:
+            return None
+        out = torch.empty(like.shape[0], dtype=torch.int32, device=like.device)
+        for seg, h in zip(segments, heads):
+            put(out, seg.idx, h)
+        return out
 
     def _project(
         self, xs: list[torch.Tensor], segments: list[Segment], states: list[int]
