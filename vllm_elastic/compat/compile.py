@@ -7,8 +7,8 @@ serves every batch size. An elastic forward is one such graph *per budget* (a ba
 one budget has a fixed routing), so this module reads the compilation settings vLLM
 chose for the engine and compiles a callable with them:
 ``fullgraph=True, dynamic=False``, the token dimension of every input marked dynamic,
-``guard_filter_fn`` dropping every guard, and vLLM's inductor options (but torch's
-default auto-functionalization, v2: see ``compile_budget_forward``).
+``guard_filter_fn`` dropping every guard, and vLLM's inductor options (mixed-batch
+graphs: torch's default auto-functionalization, see ``compile_budget_forward``).
 
 Dropping guards means a traced graph is reused whatever it was traced with. Two budgets
 must therefore never share a code object (dynamo caches compiled code per code object):
@@ -59,22 +59,21 @@ def compile_settings(vllm_config: Any) -> CompileSettings | None:
 
 
 def compile_budget_forward(
-    fn: Callable[..., torch.Tensor], name: str, settings: CompileSettings
+    fn: Callable[..., torch.Tensor], name: str, settings: CompileSettings, mixed: bool = False
 ) -> Callable[..., torch.Tensor]:
     """``fn`` (a plain function) compiled under its own code object named ``name``.
 
     Call it first with every tensor argument's dimension 0 at a size >= 2 (the trace);
-    later calls with any size run that graph."""
+    later calls with any size run that graph. ``mixed``: a graph of several budget
+    groups, compiled with torch's default auto-functionalization (v2): vLLM turns it off
+    for its own fusion passes, which these graphs do not run, and v1 mis-writes a custom
+    op's in-place update of a view at a storage offset (a mixed batch's second group
+    through the fused add-RMSNorm: wrong tokens)."""
     code = fn.__code__.replace(co_name=name, co_qualname=name)
     own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    options = {
-        **settings.options,
-        "guard_filter_fn": torch.compiler.skip_all_guards_unsafe,
-        # vLLM turns v2 off for its own fusion passes, which these graphs do not run; v1
-        # mis-writes a custom op's in-place update of a view at a storage offset (a mixed
-        # batch's second segment through the fused add-RMSNorm: wrong tokens)
-        "enable_auto_functionalized_v2": True,
-    }
+    options = {**settings.options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+    if mixed:
+        options["enable_auto_functionalized_v2"] = True
     compiled = torch.compile(
         own, fullgraph=True, dynamic=False, backend=settings.backend, options=options
     )

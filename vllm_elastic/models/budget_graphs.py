@@ -11,8 +11,9 @@ layers write recurrent state keys its segments by ``(budget, state budget)`` too
 ``reuse`` request's thinking tokens run the thinking budget but write the answer
 budget's Mamba heads, a different fixed function. Every key's graph is traced in vLLM's
 profile run at start-up, so no request waits for a compile; the time is logged and kept
-in ``compile_s``. The engine option ``mixed_graphs: false`` compiles the one-budget
-graphs only (mixed batches then run the routed eager forward).
+in ``compile_s``. The mixed graphs are opt-in (engine option ``mixed_graphs``): on this
+project's CPU benchmarks they did not beat the routed eager forward and took minutes to
+compile (README); by default mixed batches run the routed eager forward.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _index(idx: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
 class BudgetGraphs:
     """The compiled forwards of one model, one per ``model.graph_keys()``."""
 
-    def __init__(self, model: Any, settings: CompileSettings, mixed: bool = True) -> None:
+    def __init__(self, model: Any, settings: CompileSettings, mixed: bool = False) -> None:
         self.model = model
         self.settings = settings
         self.mixed = mixed  # engine option mixed_graphs: graphs for mixed batches too
@@ -112,7 +113,9 @@ class BudgetGraphs:
         for key in keys:
             label = self.label(key)
             name = label.replace(">", "_to_").replace("+", "_and_")
-            fn = compile_budget_forward(_segments_forward, f"elastic_{name}_forward", self.settings)
+            fn = compile_budget_forward(
+                _segments_forward, f"elastic_{name}_forward", self.settings, len(key) > 1
+            )
             start = time.perf_counter()
             try:
                 fn(self.model, key, positions, *self._example(key, embeds))

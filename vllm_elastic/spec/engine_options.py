@@ -42,8 +42,8 @@ ENGINE_KEYS: dict[str, str] = {
     "weight_packing": f"CPU weight storage ({' | '.join(PACKINGS)})",
     "mlp_window": "rows per MLP pass in long prefills (int >= 1)",
     "full_state": "every token writes the recurrent state of every Mamba head (bool)",
-    "mixed_graphs": "compile a graph per mix of budgets at start-up (bool; false: mixed "
-    "batches run the routed eager forward, fewer graphs to compile)",
+    "mixed_graphs": "also compile a graph per mix of budgets at start-up (bool, default "
+    "false: mixed batches run the routed eager forward)",
     "base_scheduler_cls": "scheduler the recompute hook wraps (set from --scheduler-cls)",
 }
 
@@ -57,7 +57,7 @@ class EngineOptions:
     weight_packing: str = "auto"
     mlp_window: int = DEFAULT_MLP_WINDOW
     full_state: bool = False
-    mixed_graphs: bool = True
+    mixed_graphs: bool = False
     base_scheduler_cls: str | None = None
 
 
@@ -93,7 +93,7 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         raise ElasticConfigError(
             f"elastic.full_state: expected true or false, got {short(full_state)}"
         )
-    mixed = section.get("mixed_graphs", True)
+    mixed = section.get("mixed_graphs", False)
     if not isinstance(mixed, bool):
         raise ElasticConfigError(
             f"elastic.mixed_graphs: expected true or false, got {short(mixed)}"
