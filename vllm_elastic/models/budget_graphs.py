@@ -127,9 +127,9 @@ class BudgetGraphs:
             self.compile_s[label] = round(time.perf_counter() - start, 2)
             self.graphs[key] = fn
         logger.info(
-            "vllm-elastic: compiled %d graphs (one per budget mix, backend %s) in %.1f s: %s",
-            len(self.graphs), self.settings.backend, sum(self.compile_s.values()),
-            self.compile_s,
+            "vllm-elastic: compiled %d graphs (one per budget%s, backend %s) in %.1f s: %s",
+            len(self.graphs), " and budget mix" if self.mixed else "", self.settings.backend,
+            sum(self.compile_s.values()), self.compile_s,
         )  # fmt: skip
 
     def __call__(
