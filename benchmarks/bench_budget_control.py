@@ -159,10 +159,16 @@ def split(outputs: list[list[int]], at: int) -> tuple[list, list]:
     return [o[:at] for o in outputs], [o[at + 1 :] for o in outputs]
 
 
-def flop_limit(ckpt: c.Checkpoint, shape: Shape, think: str, answer: str) -> float:
-    """``(T+A) F_answer / (T F_think + A F_answer)``."""
+def flop_limit(
+    ckpt: c.Checkpoint, shape: Shape, think: str, answer: str, state_writes: bool = False
+) -> float:
+    """``(T+A) F_answer / (T F_think + A F_answer)``; with ``state_writes``, ``F_think``
+    also counts what a ``reuse`` thinking token spends writing the answer budget's Mamba
+    state (0 for families without it)."""
     t, a = shape.think, shape.answer
     fa, ft = ckpt.flops(answer), ckpt.flops(think)
+    if state_writes:
+        ft += ckpt.reuse_state_flops(think, answer)
     return (t + a) * fa / (t * ft + a * fa)
 
 
@@ -183,6 +189,7 @@ def analyse(
             "end_positions": sorted(set(ends)),
         }
     limit = flop_limit(ckpt, shape, think, answer)
+    state_limit = flop_limit(ckpt, shape, think, answer, state_writes=True)
     base = ok.get("full")
     checks, speedups = {}, {}
     think_only = ok.get(think)
@@ -201,6 +208,8 @@ def analyse(
         if base is not None:
             sp = base.wall_s / res.wall_s
             entry = {"speedup_vs_full": round(sp, 4), "of_flop_limit": round(sp / limit, 4)}
+            if "reuse" in name and state_limit != limit:
+                entry["of_state_write_flop_limit"] = round(sp / state_limit, 4)
             for stock, key in (("stock full", ""), ("stock full eager", "_eager")):
                 if stock in ok:
                     entry[f"speedup_vs_stock_full{key}"] = round(ok[stock].wall_s / res.wall_s, 4)
@@ -210,7 +219,13 @@ def analyse(
                 entry["of_blend_limit"] = round(sp / blend, 4)
             entry["pass"] = sp / limit >= TARGET
             speedups[name] = entry
-    out = {"rows": rows, "flop_limit": round(limit, 4), "checks": checks, "speedups": speedups}
+    out = {
+        "rows": rows,
+        "flop_limit": round(limit, 4),
+        "flop_limit_with_state_writes": round(state_limit, 4),
+        "checks": checks,
+        "speedups": speedups,
+    }
     reuse, recompute = ok.get(f"{think}->{answer} reuse"), ok.get(f"{think}->{answer} recompute")
     if reuse is not None and recompute is not None:
         out["reuse_vs_recompute"] = agreement(
@@ -266,6 +281,7 @@ def tables(analysis: dict[str, Any]) -> list[str]:
             "vs stock full eager",
             "FLOP limit",
             "of limit",
+            "of limit with state writes",
             "blend limit",
             f">= {TARGET} of limit",
         ],
@@ -277,6 +293,7 @@ def tables(analysis: dict[str, Any]) -> list[str]:
                 s.get("speedup_vs_stock_full_eager", "-"),
                 analysis["flop_limit"],
                 s["of_flop_limit"],
+                s.get("of_state_write_flop_limit", "-"),
                 s.get("measured_blend_limit", "-"),
                 "PASS" if s["pass"] else "FAIL",
             )
@@ -353,7 +370,10 @@ def main() -> None:
         f"thinking tokens, `</think>`, A={shape.answer} answer tokens (greedy). "
         f"F_{answer}/F_{think} = {ckpt.flops(answer) / ckpt.flops(think):.3f}. "
         "Blend limit = speedup if the thinking share of the full run ran at the measured "
-        f"speed of the `{think}` budget."
+        f"speed of the `{think}` budget. Limit with state writes "
+        f"({analysis['flop_limit_with_state_writes']}): F_{think} plus the "
+        f"{ckpt.reuse_state_flops(think, answer) / 1e6:.2f} MFLOP per token a `reuse` thinking "
+        f"token spends writing `{answer}`'s Mamba state (`spec.cost.reuse_state_write_flops`)."
     )
     c.write_results(
         settings,

@@ -264,6 +264,16 @@ class Checkpoint:
     def flops(self, name: str) -> int:
         return int(self.budget(name)["matmul_flops_per_token"])
 
+    def reuse_state_flops(self, think: str, answer: str) -> int:
+        """Extra matmul FLOPs of a ``reuse`` thinking token writing the answer budget's
+        Mamba state (``vllm_elastic.spec.cost.reuse_state_write_flops``)."""
+        from vllm_elastic.checkpoint import load_elastic_config
+        from vllm_elastic.spec.cost import reuse_state_write_flops
+
+        cfg = load_elastic_config(self.path)
+        spec = cfg.elastic_spec
+        return reuse_state_write_flops(cfg, spec.get(think), spec.get(answer))
+
 
 def _source_hash() -> str:
     """Hash of the code that writes checkpoints: a change invalidates the cache."""

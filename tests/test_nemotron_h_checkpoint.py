@@ -154,3 +154,22 @@ def test_star_elastic_parent_reports_its_published_sizes(tmp_path: Path) -> None
     assert rows["12b"]["parameters"] == pytest.approx(12e9, rel=0.03)
     assert rows["12b"]["active_parameters"] == pytest.approx(2.0e9, rel=0.03)
     assert full["num_layers"] == 52 and full["mamba_num_heads"] == 64
+
+
+def test_reuse_state_write_flops_count_the_answer_heads_in_proj_rows(
+    ckpt: Path, tmp_path: Path
+) -> None:
+    """A ``reuse`` thinking token at ``cut`` writes ``full``'s Mamba heads: per Mamba
+    layer both keep, the in_proj rows ``full`` has beyond ``cut``'s, at ``cut``'s width
+    (rows read off the parent's and the sliced checkpoint's tensors); none the other way."""
+    from vllm_elastic.spec.cost import reuse_state_write_flops
+
+    name = "backbone.layers.0.mixer.in_proj.weight"  # the pattern's one Mamba layer
+    wide = load_state_dict(ckpt)[name]
+    narrow = load_state_dict(slice_checkpoint(ckpt, "cut", tmp_path / "cut"))[name]
+    config = load_elastic_config(ckpt)
+    cut, full = config.elastic_spec.get("cut"), config.elastic_spec.get("full")
+    want = 2 * (wide.shape[0] - narrow.shape[0]) * narrow.shape[1]
+    assert reuse_state_write_flops(config, cut, full) == want > 0
+    assert reuse_state_write_flops(config, full, full) == 0
+    assert reuse_state_write_flops(config, cut, cut) == 0

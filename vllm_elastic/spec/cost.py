@@ -7,7 +7,9 @@
   are not included;
 * ``kv_bytes_per_token``: K and V of the kept attention layers, as the standalone model
   stores them;
-* ``state_bytes_per_request``: the Mamba conv + SSM state of the kept Mamba layers.
+* ``state_bytes_per_request``: the Mamba conv + SSM state of the kept Mamba layers;
+* ``reuse_state_write_flops``: what a ``reuse`` request's thinking token spends beyond
+  the standalone thinking model to write the answer budget's Mamba state.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_elastic.spec.budgets import Budget
+from vllm_elastic.spec.state import cover
 
 ATTENTION_KINDS = ("decoder", "*")
 
@@ -45,3 +48,26 @@ def budget_cost(config: Any, budget: Budget, itemsize: int = 4) -> dict[str, int
         "kv_bytes_per_token": kv,
         "state_bytes_per_request": state,
     }
+
+
+def reuse_state_write_flops(config: Any, think: Budget, answer: Budget) -> int:
+    """Matmul FLOPs per thinking token of a ``reuse`` request (think at ``think``, answer
+    at ``answer``) beyond the standalone ``think`` model: in every Mamba layer the answer
+    budget runs, its in_proj also projects the rows of the heads it writes for the answer
+    (``spec/state.py``: the covering budget's rows, at ``think``'s hidden width); in one
+    ``think`` skips, all of them. 0 without Mamba layers or when ``think`` covers them."""
+    spec = config.elastic_spec
+    if "M" not in spec.parent.layer_kinds:
+        return 0
+    wide = spec.budgets[cover(spec, think.index, answer.index)]
+
+    def rows(budget: Budget) -> int:  # in_proj rows: B, C, then x, dt, z per head
+        heads = budget.size("mamba_num_heads")
+        return 2 * config.n_groups * config.ssm_state_size + heads * (2 * config.mamba_head_dim + 1)
+
+    extra = 0
+    for layer, kind in enumerate(spec.parent.layer_kinds):
+        if kind == "M" and answer.keeps_layer(layer):
+            own = rows(think) if think.keeps_layer(layer) else 0
+            extra += (rows(wide) - own) * think.hidden_size
+    return 2 * extra

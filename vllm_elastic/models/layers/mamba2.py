@@ -34,11 +34,13 @@ from torch import nn
 
 from vllm_elastic.compat import mamba
 from vllm_elastic.compat.compile import is_compiling
+from vllm_elastic.models import scratch
 from vllm_elastic.models.layers.common import pack_linears
 from vllm_elastic.models.nested_linear import NestedLinear
 from vllm_elastic.models.routing import Segment, put, runs, stack, take
 from vllm_elastic.spec.budgets import ElasticSpec
 from vllm_elastic.spec.engine_options import engine_options
+from vllm_elastic.spec.state import covering_table
 
 
 class ElasticMamba2(nn.Module):
@@ -83,8 +85,7 @@ class ElasticMamba2(nn.Module):
         self.in_proj = NestedLinear(
             [(self.rows(n), h) for n, h in zip(self.budget_heads, self.hiddens)]
         )
-        n = len(spec.budgets)
-        self.covering = [[self._cover(b, s) for s in range(n)] for b in range(n)]
+        self.covering = covering_table(spec)
         self.out_proj = NestedLinear(
             [
                 (h, n * self.head_dim) if kept else None
@@ -176,16 +177,6 @@ class ElasticMamba2(nn.Module):
                 best = cover
         return best
 
-    def _cover(self, budget: int, state: int) -> int:
-        """The smallest budget with ``state``'s heads (at least) and ``budget``'s width."""
-        heads = max(self.budget_heads[budget], self.budget_heads[state])
-        hidden = self.hiddens[budget]
-        fits = [
-            b for b, (n, h) in enumerate(zip(self.budget_heads, self.hiddens))
-            if n >= heads and h >= hidden
-        ]  # fmt: skip
-        return min(fits, key=lambda b: (self.budget_heads[b], self.hiddens[b]))
-
     def forward(
         self,
         positions: torch.Tensor,
@@ -200,7 +191,10 @@ class ElasticMamba2(nn.Module):
         width = self.rows(heads)
         proj = self._project(xs, segments, states)
         if len(segments) > 1 or proj[0].shape[1] != width:  # forward token order, one width
-            ordered = proj[0].new_zeros(num_tokens, width)
+            # a reused buffer: a fresh one this size (a mixed prefill's) page-faults
+            ordered = scratch.buffer("mamba.in_proj", num_tokens, width, proj[0])
+            if any(part.shape[1] < width for part in proj):
+                ordered.zero_()  # tokens of fewer state heads feed zeros to the others
             for seg, part in zip(segments, proj):
                 put(ordered[:, : part.shape[1]], seg.idx, part)
             proj = ordered
