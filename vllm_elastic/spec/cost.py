@@ -52,10 +52,12 @@ def budget_cost(config: Any, budget: Budget, itemsize: int = 4) -> dict[str, int
 
 def reuse_state_write_flops(config: Any, think: Budget, answer: Budget) -> int:
     """Matmul FLOPs per thinking token of a ``reuse`` request (think at ``think``, answer
-    at ``answer``) beyond the standalone ``think`` model: in every Mamba layer the answer
-    budget runs, its in_proj also projects the rows of the heads it writes for the answer
-    (``spec/state.py``: the covering budget's rows, at ``think``'s hidden width); in one
-    ``think`` skips, all of them. 0 without Mamba layers or when ``think`` covers them."""
+    at ``answer``) beyond the standalone ``think`` model: in every Mamba layer its in_proj
+    projects the rows of the heads it writes (``spec/state.py``: the covering budget's
+    rows, at ``think``'s hidden width), of which the standalone model has ``think``'s own
+    in the layers it keeps and none in those it skips (the elastic layer writes state
+    there too, for a larger budget to read). 0 without Mamba layers or skipped ones when
+    ``think`` covers ``answer``."""
     spec = config.elastic_spec
     if "M" not in spec.parent.layer_kinds:
         return 0
@@ -67,7 +69,7 @@ def reuse_state_write_flops(config: Any, think: Budget, answer: Budget) -> int:
 
     extra = 0
     for layer, kind in enumerate(spec.parent.layer_kinds):
-        if kind == "M" and answer.keeps_layer(layer):
+        if kind == "M":
             own = rows(think) if think.keeps_layer(layer) else 0
             extra += (rows(wide) - own) * think.hidden_size
     return 2 * extra
