@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_elastic.spec.budgets import Budget
+from vllm_elastic.spec.slicing import Ctx
 from vllm_elastic.spec.state import cover
 
 ATTENTION_KINDS = ("decoder", "*")
@@ -52,24 +53,26 @@ def budget_cost(config: Any, budget: Budget, itemsize: int = 4) -> dict[str, int
 
 def reuse_state_write_flops(config: Any, think: Budget, answer: Budget) -> int:
     """Matmul FLOPs per thinking token of a ``reuse`` request (think at ``think``, answer
-    at ``answer``) beyond the standalone ``think`` model: in every Mamba layer its in_proj
-    projects the rows of the heads it writes (``spec/state.py``: the covering budget's
-    rows, at ``think``'s hidden width), of which the standalone model has ``think``'s own
-    in the layers it keeps and none in those it skips (the elastic layer writes state
-    there too, for a larger budget to read). 0 without Mamba layers or skipped ones when
-    ``think`` covers ``answer``."""
+    at ``answer``) beyond the standalone ``think`` model. In every Mamba layer its in_proj
+    runs the rows of the covering budget (``spec/state.py``) at ``think``'s hidden width;
+    the standalone model runs ``think``'s own rows in the layers it keeps and none in those
+    it skips (the elastic layer writes state there too, for a larger budget to read).
+    Rows are the family's declared in_proj slice. 0 without Mamba layers."""
     spec = config.elastic_spec
-    if "M" not in spec.parent.layer_kinds:
+    parent = spec.parent
+    if "M" not in parent.layer_kinds:
         return 0
+    in_proj = next(
+        t
+        for t in config.family.slices.layer_tensors("M", config)
+        if t.name == "mixer.in_proj.weight"
+    )
     wide = spec.budgets[cover(spec, think.index, answer.index)]
-
-    def rows(budget: Budget) -> int:  # in_proj rows: B, C, then x, dt, z per head
-        heads = budget.size("mamba_num_heads")
-        return 2 * config.n_groups * config.ssm_state_size + heads * (2 * config.mamba_head_dim + 1)
-
     extra = 0
-    for layer, kind in enumerate(spec.parent.layer_kinds):
+    for layer, kind in enumerate(parent.layer_kinds):
         if kind == "M":
-            own = rows(think) if think.keeps_layer(layer) else 0
-            extra += (rows(wide) - own) * think.hidden_size
+            rows = in_proj.shape(Ctx(wide, parent, config, layer))[0]
+            if think.keeps_layer(layer):
+                rows -= in_proj.shape(Ctx(think, parent, config, layer))[0]
+            extra += rows * think.hidden_size
     return 2 * extra
