@@ -160,15 +160,12 @@ def split(outputs: list[list[int]], at: int) -> tuple[list, list]:
 
 
 def flop_limit(
-    ckpt: c.Checkpoint, shape: Shape, think: str, answer: str, state_writes: bool = False
+    ckpt: c.Checkpoint, shape: Shape, think: str, answer: str, think_extra: int = 0
 ) -> float:
-    """``(T+A) F_answer / (T F_think + A F_answer)``; with ``state_writes``, ``F_think``
-    also counts what a ``reuse`` thinking token spends writing the answer budget's Mamba
-    state (0 for families without it)."""
+    """``(T+A) F_answer / (T F_think + A F_answer)``, ``F_think`` plus ``think_extra``
+    (e.g. what a ``reuse`` thinking token spends writing the answer budget's Mamba state)."""
     t, a = shape.think, shape.answer
-    fa, ft = ckpt.flops(answer), ckpt.flops(think)
-    if state_writes:
-        ft += ckpt.reuse_state_flops(think, answer)
+    fa, ft = ckpt.flops(answer), ckpt.flops(think) + think_extra
     return (t + a) * fa / (t * ft + a * fa)
 
 
@@ -189,7 +186,8 @@ def analyse(
             "end_positions": sorted(set(ends)),
         }
     limit = flop_limit(ckpt, shape, think, answer)
-    state_limit = flop_limit(ckpt, shape, think, answer, state_writes=True)
+    state_flops = ckpt.reuse_state_flops(think, answer)
+    state_limit = flop_limit(ckpt, shape, think, answer, state_flops)
     base = ok.get("full")
     checks, speedups = {}, {}
     think_only = ok.get(think)
@@ -223,6 +221,7 @@ def analyse(
         "rows": rows,
         "flop_limit": round(limit, 4),
         "flop_limit_with_state_writes": round(state_limit, 4),
+        "reuse_state_write_flops_per_token": state_flops,
         "checks": checks,
         "speedups": speedups,
     }
@@ -372,8 +371,9 @@ def main() -> None:
         "Blend limit = speedup if the thinking share of the full run ran at the measured "
         f"speed of the `{think}` budget. Limit with state writes "
         f"({analysis['flop_limit_with_state_writes']}): F_{think} plus the "
-        f"{ckpt.reuse_state_flops(think, answer) / 1e6:.2f} MFLOP per token a `reuse` thinking "
-        f"token spends writing `{answer}`'s Mamba state (`spec.cost.reuse_state_write_flops`)."
+        f"{analysis['reuse_state_write_flops_per_token'] / 1e6:.2f} MFLOP per token a "
+        f"`reuse` thinking token spends writing `{answer}`'s Mamba state "
+        "(`spec.cost.reuse_state_write_flops`)."
     )
     c.write_results(
         settings,
