@@ -129,6 +129,12 @@ def parse_settings(description: str, extra: Any = None) -> tuple[Settings, argpa
         metavar="KEY=JSON",
         help="another additional_config elastic option of the elastic engines (repeatable)",
     )
+    parser.add_argument(
+        "--serve-budgets",
+        metavar="B1,B2,...",
+        help="elastic engines serve only these budgets (engine option serve_budgets; must "
+        "include the full one); the script runs only them",
+    )
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
@@ -149,6 +155,9 @@ def parse_settings(description: str, extra: Any = None) -> tuple[Settings, argpa
         settings.notes.append(f"elastic option {key}={value}")
     if args.weight_packing:
         settings.notes.append(f"elastic weight packing: {args.weight_packing}")
+    if args.serve_budgets:
+        ELASTIC_OPTIONS["serve_budgets"] = [b.strip() for b in args.serve_budgets.split(",")]
+        settings.notes.append(f"elastic engines serve only {args.serve_budgets}")
     if settings.quick:  # quick mode asserts no speed: never wait or retry
         RETRIES, QUIET_WAIT_S = 0, 0.0
     if args.quiet_wait is not None:
@@ -301,7 +310,12 @@ def prepare_checkpoint(settings: Settings) -> Checkpoint:
     if not fresh:
         build_random_checkpoint(parent, **PRESETS[settings.preset])
     rows = budget_report(parent)
-    sliced = {r["name"]: _slice(parent, r["name"], root / "sliced", fresh) for r in rows}
+    served = ELASTIC_OPTIONS.get("serve_budgets")  # --serve-budgets: run only these
+    sliced = {
+        r["name"]: _slice(parent, r["name"], root / "sliced", fresh)
+        for r in rows
+        if served is None or r["name"] in served
+    }
     if not fresh:
         stamp_path.write_text(json.dumps(stamp, indent=1))
     return Checkpoint(settings.preset, parent, sliced, model_info(parent, rows))

@@ -8,7 +8,6 @@ checkpoint; one engine serves every budget.
 from __future__ import annotations
 
 import gc
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,32 +211,6 @@ def checkpoint(ckpt_root: Path):
         if name not in built:
             built[name] = build_random_checkpoint(ckpt_root / name, **CHECKPOINTS[name])
         return built[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def budget_subset(checkpoint, ckpt_root: Path):
-    """``budget_subset(name, budgets)`` -> the checkpoint ``name`` declaring only
-    ``budgets`` (the same weights, linked): each budget's oracle is ``name``'s."""
-    made: dict[tuple[str, ...], Path] = {}
-
-    def get(name: str, budgets: list[str]) -> Path:
-        key = (name, *budgets)
-        if key not in made:
-            src, out = checkpoint(name), ckpt_root / "+".join(key)
-            out.mkdir()
-            for f in src.iterdir():
-                if f.name != "config.json":
-                    (out / f.name).symlink_to(f.resolve())
-            config = json.loads((src / "config.json").read_text())
-            kept = [b for b in config["elastic"]["budgets"] if b["name"] in budgets]
-            assert [b["name"] for b in kept] == budgets, f"{name} lacks one of {budgets}"
-            config["elastic"] = {**config["elastic"], "budgets": kept}
-            config["elastic"].pop("default_budget", None)
-            (out / "config.json").write_text(json.dumps(config, indent=1))
-            made[key] = out
-        return made[key]
 
     return get
 

@@ -98,6 +98,10 @@ def test_register_is_idempotent_and_blocks_transformers_fallback(elastic_llm):
         ({"mlp_window": 0}, r"elastic.mlp_window: expected an int >= 1"),
         ({"mixed_graphs": "yes"}, r"elastic.mixed_graphs: expected true or false"),
         ({"elastic_budget": "huge"}, r"unknown budget 'huge'"),
+        ({"serve_budgets": "full"}, r"elastic.serve_budgets: expected a non-empty list"),
+        ({"serve_budgets": ["full", "huge"]}, r"serve_budgets: unknown budget\(s\) \['huge'\]"),
+        ({"serve_budgets": ["tiny"]}, r"\['tiny'\] must include the full budget 'full'"),
+        ({"serve_budgets": ["full"], "elastic_budget": "tiny"}, r"'tiny' is not served by"),
     ],
 )
 def test_bad_engine_options_fail_at_startup(section, match, checkpoint, engines):
@@ -146,3 +150,15 @@ def test_a_missing_budget_tracker_fails_loudly(checkpoint, engines, prompts):
     finally:
         batch_state._STATES.update(saved)
         engines.close()
+
+
+def test_serve_budgets_flag_reaches_the_engine_section():
+    """``vllm-elastic serve --elastic-serve-budgets tiny,full`` becomes the engine option."""
+    import argparse
+
+    from vllm_elastic.cli.serve import add_policy_arguments, elastic_section
+
+    parser = argparse.ArgumentParser()
+    add_policy_arguments(parser)
+    args = parser.parse_args(["--elastic-serve-budgets", "tiny, full"])
+    assert elastic_section(args) == {"serve_budgets": ["tiny", "full"]}

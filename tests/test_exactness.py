@@ -81,17 +81,24 @@ def test_compiled_engine_is_exact_alone_and_mixed(name, oracle, elastic_llm, pro
 
 @pytest.mark.parametrize("name,budgets", [("llama_bias", ["full", "tiny"]),
                                           ("hybrid", ["full", "small"])])  # fmt: skip
-def test_mixed_graphs_compile_every_budget_mix(
-    name, budgets, oracle, budget_subset, engines, prompts
-):
+def test_mixed_graphs_compile_every_budget_mix(name, budgets, oracle, checkpoint, engines, prompts):
     """``mixed_graphs: true``: also one graph per set of budgets a batch can hold (each
     group's token count dynamic; NemotronH: own or parent Mamba state); a batch of every
-    budget runs that mix's graph and equals the oracle. On two budgets of the checkpoint
-    (the full one and the one cutting most axes, same weights): 3 and 5 graphs, where all
-    four budgets would compile 15 and 30 (minutes of CI)."""
+    budget runs that mix's graph and equals the oracle. The engine serves two budgets of
+    the checkpoint (``serve_budgets``: the full one and the one cutting most axes), so 3
+    and 5 graphs compile where all four budgets would compile 15 and 30 (minutes of CI);
+    a request for a budget it does not serve is refused by name."""
+    from vllm.exceptions import VLLMValidationError
+
     want = {b: oracle(name, b) for b in budgets}
-    overrides = dict(enforce_eager=False, additional_config={"elastic": {"mixed_graphs": True}})
-    llm = engines.get(("mixed graphs", name), budget_subset(name, budgets), **overrides)
+    section = {"mixed_graphs": True, "serve_budgets": budgets}
+    llm = engines.get(
+        ("mixed graphs", name),
+        checkpoint(name),
+        enforce_eager=False,
+        additional_config={"elastic": section},
+    )
+    assert llm.apply_model(lambda m: m.spec.names)[0] == budgets
     traced = llm.apply_model(lambda m: sorted(m.budget_graphs.compile_s))[0]
     mixes = {frozenset(s.split(">")[0] for s in k.split("+")) for k in traced}
     assert len(mixes) == 2 ** len(budgets) - 1, f"a budget mix was not traced: {traced}"
@@ -101,6 +108,9 @@ def test_mixed_graphs_compile_every_budget_mix(
         assert_same_output(g, want[b][i], f"mixed graphs {name}, {b} prompt {i}")
     calls = llm.apply_model(lambda m: dict(m.budget_graphs.calls))[0]
     assert any(len(k) == len(budgets) for k in calls), f"no mixed graph ran: {calls}"
+    other = next(b for b in budget_names(name) if b not in budgets)
+    with pytest.raises(VLLMValidationError, match=f"budget '{other}' is not served by this"):
+        greedy(llm, prompts[:1], [{"elastic_budget": other}], 2)
 
 
 def test_default_budget_comes_from_checkpoint(reference, elastic_llm, prompts):

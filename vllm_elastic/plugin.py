@@ -26,6 +26,26 @@ def _scheduler_qualname(cls: Any) -> str:
     return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _serve_only(hf_config: Any, names: tuple[str, ...]) -> None:
+    """Restrict the engine's config to the budgets it serves (logged; a checkpoint default
+    that is not served gives way to the full budget, with a warning)."""
+    before = hf_config.elastic_spec
+    hf_config.serve_only(names)
+    after = hf_config.elastic_spec
+    if not after.not_served:
+        return
+    logger.info(
+        "vllm-elastic: serving budgets %s; not served: %s (elastic.serve_budgets)",
+        after.names, list(after.not_served),
+    )  # fmt: skip
+    if after.default_budget != before.default_budget:
+        logger.warning(
+            "vllm-elastic: the checkpoint's default budget %r is not served; requests "
+            "without a budget run at %r",
+            before.default_budget, after.default_budget,
+        )  # fmt: skip
+
+
 class ElasticModelConfig(VerifyAndUpdateConfig):
     """vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``) for elastic models."""
 
@@ -39,9 +59,11 @@ class ElasticModelConfig(VerifyAndUpdateConfig):
 
         compat.check_supported()
         model_config = vllm_config.model_config
+        options = engine_options(vllm_config)  # unknown keys or bad values fail here
+        if options.serve_budgets is not None:
+            _serve_only(model_config.hf_config, options.serve_budgets)
         spec = model_config.hf_config.elastic_spec
         spec.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
-        options = engine_options(vllm_config)  # unknown keys or bad values fail here
         # Fail at start-up, not per request, on a bad engine-wide default policy.
         resolve_policy(spec, None, options.policy)
         if model_config.model_impl == "transformers":

@@ -48,6 +48,12 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU weight storage: nested (1.0x memory, default), per-budget (one packed "
         "copy per budget: faster, sum of the budgets' bytes) or views",
     )
+    group.add_argument(
+        "--elastic-serve-budgets",
+        metavar="B1,B2,...",
+        help="serve only these budgets of the checkpoint (must include the full one): "
+        "fewer nested levels, so the larger budgets run fewer GEMMs",
+    )
 
 
 def elastic_section(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,6 +67,8 @@ def elastic_section(args: argparse.Namespace) -> dict[str, Any]:
         section["think_end"] = args.elastic_think_end
     if getattr(args, "elastic_weight_packing", None) is not None:
         section["weight_packing"] = args.elastic_weight_packing
+    if getattr(args, "elastic_serve_budgets", None) is not None:
+        section["serve_budgets"] = [n.strip() for n in args.elastic_serve_budgets.split(",")]
     return section
 
 

@@ -54,6 +54,11 @@ def _budget_name(spec: ElasticSpec, key: str, value: Any, where: str) -> str:
             f"{where}{key}: expected a budget name (string), got {short(value)}; "
             f"budgets: {spec.names}"
         )
+    if value in spec.not_served:
+        raise ElasticPolicyError(
+            f"{where}{key}: budget {short(value)} is not served by this engine; it serves "
+            f"{spec.names} (engine option elastic.serve_budgets)"
+        )
     if value not in spec.names:
         raise ElasticPolicyError(
             f"{where}{key}: unknown budget {short(value)}; this checkpoint's budgets are "

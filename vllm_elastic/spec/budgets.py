@@ -240,6 +240,9 @@ def parse_budget(raw: Mapping[str, Any], index: int, parent: ParentShape) -> Bud
     return Budget(name=name, index=index, sizes=sizes, layers=tuple(sorted(raw_layers)))
 
 
+NOT_SERVED = "not_served"  # written by an engine serving some budgets (``served_section``)
+
+
 @dataclass(frozen=True)
 class ElasticSpec:
     """All budgets of a checkpoint, resolved against its parent shape."""
@@ -247,6 +250,8 @@ class ElasticSpec:
     parent: ParentShape
     budgets: tuple[Budget, ...]
     default_budget: str
+    # the checkpoint's budgets an engine does not serve (engine option serve_budgets)
+    not_served: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -308,13 +313,11 @@ def parse_elastic_spec(section: Any, parent: ParentShape) -> ElasticSpec:
     """Parse and validate a config's ``elastic`` section; raise ElasticConfigError."""
     if not isinstance(section, Mapping):
         raise ElasticConfigError(f"elastic: expected an object, got {short(section)}")
-    unknown = sorted(
-        str(k) for k in set(section) - {"budgets", "default_budget", "think_start", "think_end"}
-    )
+    known = {"budgets", "default_budget", "think_start", "think_end", NOT_SERVED}
+    unknown = sorted(str(k) for k in set(section) - known)
     if unknown:
         raise ElasticConfigError(
-            f"elastic: unknown key(s) {unknown}; known: budgets, default_budget, think_start, "
-            "think_end"
+            f"elastic: unknown key(s) {unknown}; known: {', '.join(sorted(known))}"
         )
     raw_budgets = section.get("budgets")
     if not isinstance(raw_budgets, Sequence) or isinstance(raw_budgets, str) or not raw_budgets:
@@ -340,4 +343,41 @@ def parse_elastic_spec(section: Any, parent: ParentShape) -> ElasticSpec:
         raise ElasticConfigError(
             f"elastic.default_budget: {short(default)} is not a budget; budgets: {sorted(seen)}"
         )
-    return ElasticSpec(parent=parent, budgets=budgets, default_budget=default)
+    not_served = section.get(NOT_SERVED, [])
+    if isinstance(not_served, str) or not isinstance(not_served, Sequence):
+        raise ElasticConfigError(f"elastic.{NOT_SERVED}: expected a list, got {short(not_served)}")
+    return ElasticSpec(
+        parent=parent,
+        budgets=budgets,
+        default_budget=default,
+        not_served=tuple(str(n) for n in not_served),
+    )
+
+
+def served_section(
+    section: Mapping[str, Any], names: Sequence[str], parent: ParentShape
+) -> dict[str, Any]:
+    """The ``elastic`` section of an engine serving only the budgets ``names`` (engine
+    option ``serve_budgets``): the others leave ``budgets`` (checkpoint order kept) for
+    ``not_served``, so every module reading the spec (model, policy, usage) sees only the
+    served ones. The full budget must be served: the engine's layers are the parent's. A
+    checkpoint default that is not served gives way to the full budget. Idempotent."""
+    spec = parse_elastic_spec(section, parent)
+    unknown = [n for n in names if n not in spec.names]
+    if unknown:
+        raise ElasticConfigError(
+            f"elastic.serve_budgets: unknown budget(s) {short(unknown)}; this checkpoint's "
+            f"budgets are {spec.names}"
+        )
+    if spec.full.name not in names:
+        raise ElasticConfigError(
+            f"elastic.serve_budgets: {short(list(names))} must include the full budget "
+            f"{spec.full.name!r} (an elastic engine holds the parent's layers)"
+        )
+    out = dict(section)
+    out["budgets"] = [raw for raw in section["budgets"] if raw["name"] in names]
+    dropped = [n for n in spec.names if n not in names]
+    out[NOT_SERVED] = [*spec.not_served, *dropped]
+    if out.get("default_budget") not in (None, *names):
+        del out["default_budget"]
+    return out

@@ -42,6 +42,8 @@ ENGINE_KEYS: dict[str, str] = {
     "weight_packing": f"CPU weight storage ({' | '.join(PACKINGS)})",
     "mlp_window": "rows per MLP pass in long prefills (int >= 1)",
     "full_state": "every token writes the recurrent state of every Mamba head (bool)",
+    "serve_budgets": "budgets this engine serves (list of names, default: all the "
+    "checkpoint declares; must include the full one): fewer nested levels, fewer GEMMs",
     "mixed_graphs": "also compile a graph per mix of budgets at start-up (bool, default "
     "false: mixed batches run the routed eager forward)",
     "base_scheduler_cls": "scheduler the recompute hook wraps (set from --scheduler-cls)",
@@ -58,6 +60,7 @@ class EngineOptions:
     mlp_window: int = DEFAULT_MLP_WINDOW
     full_state: bool = False
     mixed_graphs: bool = False
+    serve_budgets: tuple[str, ...] | None = None  # None: every budget of the checkpoint
     base_scheduler_cls: str | None = None
 
 
@@ -98,6 +101,18 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         raise ElasticConfigError(
             f"elastic.mixed_graphs: expected true or false, got {short(mixed)}"
         )
+    served = section.get("serve_budgets")
+    if served is not None and (
+        isinstance(served, str)
+        or not isinstance(served, list)
+        or not served
+        or not all(isinstance(n, str) for n in served)
+        or len(set(served)) != len(served)
+    ):
+        raise ElasticConfigError(
+            "elastic.serve_budgets: expected a non-empty list of distinct budget names, got "
+            f"{short(served)}"
+        )
     base = section.get("base_scheduler_cls")
     if base is not None and not isinstance(base, str):
         raise ElasticConfigError(
@@ -111,6 +126,7 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         mlp_window=window,
         full_state=full_state,
         mixed_graphs=mixed,
+        serve_budgets=None if served is None else tuple(served),
         base_scheduler_cls=base,
     )
 

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_elastic.errors import ElasticConfigError, short
-from vllm_elastic.spec.budgets import Budget, ElasticSpec, ParentShape, parse_elastic_spec
+from vllm_elastic.spec.budgets import (
+    Budget,
+    ElasticSpec,
+    ParentShape,
+    parse_elastic_spec,
+    served_section,
+)
 from vllm_elastic.spec.slicing import SliceSpec
 
 # a spec per live config object (configs are unhashable: keyed by id, checked by a weak
@@ -56,6 +62,12 @@ class ElasticConfigMixin:
                 del _SPECS[k]
             _SPECS[id(self)] = cached = (weakref.ref(self), key, spec)
         return cached[2]
+
+    def serve_only(self, names: list[str] | tuple[str, ...]) -> None:
+        """Declare only the budgets ``names`` from now on (an engine's ``serve_budgets``;
+        ``spec.budgets.served_section``)."""
+        _ = self.elastic_spec  # the checkpoint's own section is valid
+        self.elastic = served_section(self.elastic, names, self.family.parent_shape(self))
 
 
 def is_elastic_config(hf_config: Any) -> bool:
