@@ -54,7 +54,8 @@ class Load:
 
 
 LOADS = (Load("saturated", None, None), Load("concurrency 1", 8, 1), Load("concurrency 4", 16, 4))
-QUICK_LOADS = (Load("saturated", None, None), Load("concurrency 1", 2, 1))
+# quick (CI: serving works end to end, no speed asserted): one load, no warm-up runs
+QUICK_LOADS = (Load("saturated", None, None),)
 
 
 def _free_port() -> int:
@@ -151,13 +152,18 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_all(
-    ckpt: c.Checkpoint, work: c.Workload, loads: tuple[Load, ...], repeats: int, raw: Path
+    ckpt: c.Checkpoint,
+    work: c.Workload,
+    loads: tuple[Load, ...],
+    repeats: int,
+    raw: Path,
+    warm_up: bool = True,
 ) -> dict[str, Any]:
     """Elastic server (every budget, interleaved rounds), then one stock server per
     budget; returns {"elastic"|"stock": {load: {budget: best run}}}."""
 
     def runs_on(base: str, tokenizer: Path, label: str, budgets: dict[str, str | None]) -> dict:
-        for b in budgets.values():  # warm-up: first-use costs (e.g. oneDNN primitives)
+        for b in budgets.values() if warm_up else ():  # first-use costs (oneDNN primitives)
             bench_serve(base, tokenizer, work, raw / "warmup.json", b, loads[0])
         out: dict[str, dict[str, list]] = {ld.name: {b: [] for b in budgets} for ld in loads}
         for ld in loads:
@@ -246,7 +252,7 @@ def main() -> None:
     work = c.Workload.for_settings(settings)
     raw = settings.out_dir / "serve_raw"
     loads = QUICK_LOADS if settings.quick else LOADS
-    runs = run_all(ckpt, work, loads, settings.repeats, raw)
+    runs = run_all(ckpt, work, loads, settings.repeats, raw, warm_up=not settings.quick)
     rows = rows_of(ckpt, runs)
     md = table(rows)
     print(md)

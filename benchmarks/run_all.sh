@@ -8,7 +8,7 @@ PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 QUICK=()
 for arg in "$@"; do [ "$arg" = "--quick" ] && QUICK=(--quick); done
-SCRIPTS=(bench_budgets bench_mixed bench_memory bench_kv_bound bench_scaling bench_budget_control bench_serve profile_forward)
+SCRIPTS=(bench_budgets bench_mixed bench_memory bench_kv_bound bench_scaling bench_serve_budgets bench_budget_control bench_serve profile_forward)
 start=$SECONDS
 for script in "${SCRIPTS[@]}"; do
     echo "=== $script $* ($((SECONDS - start)) s elapsed)"

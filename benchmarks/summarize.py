@@ -134,6 +134,23 @@ def serve_rows(data: dict) -> list[tuple]:
     return out
 
 
+def serve_budgets_rows(data: dict) -> list[tuple]:
+    small, full = data["budgets"]
+    out = []
+    for r in data["rows"]:
+        b = r["batch"]
+        out.append(
+            _target_row(
+                f"decode {full} B={b}: elastic serving {small}+{full}/stock (every budget: "
+                f"{r['ratio_every']}; two vs every {r['two_vs_every']})",
+                r["ratio_two"],
+                f">= {r['target']}",
+                r["ratio_two"] >= r["target"],
+            )
+        )
+    return out
+
+
 SECTIONS = {
     "budgets": budgets_rows,
     "serve": serve_rows,
@@ -141,6 +158,7 @@ SECTIONS = {
     "memory": memory_rows,
     "budget_control": control_rows,
     "scaling": scaling_rows,
+    "serve_budgets": serve_budgets_rows,
     "kv_bound": kv_bound_rows,
 }
 

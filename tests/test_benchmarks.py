@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "benchmarks" / "results" / "quick"
 SCRIPTS = (
-    "budgets", "mixed", "memory", "kv_bound", "scaling", "budget_control", "serve", "profile",
+    "budgets", "mixed", "memory", "kv_bound", "scaling", "serve_budgets", "budget_control",
+    "serve", "profile",
 )  # fmt: skip
 
 
@@ -68,6 +69,10 @@ def test_quick_benchmarks_run_and_agree_with_stock():
         assert s["kv_bytes_per_token"] == row["projected_bytes_per_token"], row["budget"]
         assert e["requests_held"] == kv[0]["stock"]["requests_held"], row["budget"]
     assert kv[-1]["stock"]["requests_held"] > kv[-1]["elastic"]["requests_held"]
+
+    # an engine serving two budgets decodes the full one exactly like stock vLLM
+    for row in _load(QUICK / "serve_budgets.json")["rows"]:
+        assert row["same_outputs_every"] == row["same_outputs_two"] == 1.0, row["batch"]
 
     control = _load(QUICK / "budget_control.json")["checks"]
     for name, check in control.items():

@@ -63,3 +63,23 @@ def test_budgets_that_do_not_split_over_tp_are_rejected_with_the_field():
     message = r"'odd'.num_key_value_heads: 3 is not a multiple of tensor_parallel_size=2"
     with pytest.raises(ElasticConfigError, match=message):
         spec.check_tensor_parallel(2)
+
+
+def test_serving_some_budgets_keeps_their_order_and_refuses_the_rest():
+    """``serve_budgets``: the engine's section lists only the served budgets (checkpoint
+    order), remembers the others, drops a default it does not serve; applying it twice
+    changes nothing (vLLM may run the config hook more than once)."""
+    from vllm_elastic.spec.budgets import served_section
+
+    section = {
+        "budgets": [{"name": "full"}, {"name": "mid", "hidden_size": 48},
+                    {"name": "low", "hidden_size": 32}],
+        "default_budget": "mid",
+    }  # fmt: skip
+    once = served_section(section, ["low", "full"], PARENT)
+    spec = parse_elastic_spec(once, PARENT)
+    assert spec.names == ["full", "low"] and spec.not_served == ("mid",)
+    assert spec.default_budget == "full"
+    assert [b.index for b in spec.budgets] == [0, 1]
+    assert served_section(once, ["low", "full"], PARENT) == once
+    assert parse_elastic_spec(section, PARENT).default_budget == "mid"  # input untouched

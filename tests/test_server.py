@@ -26,6 +26,7 @@ NAME = "llama_bias"
 SERVED = "elastic"
 DEFAULT_POLICY = {"elastic_think_budget": "tiny", "elastic_answer_budget": "full"}
 PACKING = "per-budget"  # not the CPU default: checks the flag reaches the model
+SERVED_BUDGETS = ["full", "kv_half", "tiny"]  # the checkpoint's q_thin is not served
 
 
 def _free_port() -> int:
@@ -51,6 +52,7 @@ def server(checkpoint, server_log) -> Any:
         "--reasoning-parser", "qwen3",
         "--elastic-think-budget", "tiny", "--elastic-answer-budget", "full",
         "--elastic-weight-packing", PACKING,
+        "--elastic-serve-budgets", ",".join(SERVED_BUDGETS),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with open(log, "w") as out:
@@ -91,7 +93,13 @@ def offline(checkpoint, engines):
             ("server-offline",),
             checkpoint(NAME),
             reasoning_parser="qwen3",
-            additional_config={"elastic": {**DEFAULT_POLICY, "weight_packing": PACKING}},
+            additional_config={
+                "elastic": {
+                    **DEFAULT_POLICY,
+                    "weight_packing": PACKING,
+                    "serve_budgets": SERVED_BUDGETS,
+                }
+            },
         )
         outs = generate_greedy(llm, prompts, extra, think, max_tokens)
         return [(list(o.token_ids), o.text) for o in outs]
@@ -133,7 +141,7 @@ def test_completions_per_request_budgets_match_offline(client, offline, prompts)
 def test_streaming_equals_non_streaming_and_reports_usage(client, prompts):
     kwargs = dict(
         model=SERVED, prompt=prompts[1], max_tokens=12, temperature=0,
-        extra_body=_body({"elastic_budget": "q_thin"}, None),
+        extra_body=_body({"elastic_budget": "kv_half"}, None),
     )  # fmt: skip
     whole = client.completions.create(**kwargs)
     chunks = list(
@@ -143,7 +151,7 @@ def test_streaming_equals_non_streaming_and_reports_usage(client, prompts):
     assert text == whole.choices[0].text
     usage = chunks[-1].usage
     assert usage.completion_tokens == 12
-    assert usage.model_extra["elastic"]["tokens"] == {"q_thin": 12}
+    assert usage.model_extra["elastic"]["tokens"] == {"kv_half": 12}
 
 
 def test_chat_default_policy_splits_reasoning_and_switches(client, offline, checkpoint):
@@ -187,6 +195,8 @@ def test_chat_default_policy_splits_reasoning_and_switches(client, offline, chec
     "xargs,needle",
     [
         ({"elastic_budget": "huge"}, "unknown budget 'huge'"),
+        # in the checkpoint, not served (--elastic-serve-budgets)
+        ({"elastic_budget": "q_thin"}, "budget 'q_thin' is not served by this engine"),
         ({"elastic_budget": "full", "elastic_answer_budget": "tiny"}, "cannot be combined"),
         ({"elastic_kv_mode": "later"}, "elastic_kv_mode"),
         ({"elastic_budget": {"nested": 1}}, "vllm_xargs"),
@@ -234,7 +244,7 @@ def test_bounded_concurrent_load_matches_offline(server, offline, prompts, check
         ({**DEFAULT_POLICY}, 4),
         ({**DEFAULT_POLICY, "elastic_kv_mode": "recompute"}, 6),
         (None, 3),  # server default policy
-        ({"elastic_budget": "q_thin"}, None),
+        ({"elastic_budget": "kv_half"}, None),
     ]
     jobs = []
     for i in range(48):
@@ -366,7 +376,7 @@ def test_slowly_read_stream_gets_the_final_usage(server, prompts):
     body = {
         "model": SERVED, "prompt": prompts[2], "max_tokens": 24, "temperature": 0,
         "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
-        "vllm_xargs": {"elastic_budget": "q_thin"},
+        "vllm_xargs": {"elastic_budget": "tiny"},
     }  # fmt: skip
     last = None
     with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) as r:
@@ -379,7 +389,7 @@ def test_slowly_read_stream_gets_the_final_usage(server, prompts):
 
     usage = json.loads(last[len(b"data: ") :])["usage"]
     assert usage["completion_tokens"] == 24
-    assert usage["elastic"]["tokens"] == {"q_thin": 24}, usage
+    assert usage["elastic"]["tokens"] == {"tiny": 24}, usage
 
 
 def test_aborted_requests_are_not_counted_as_finished(server, prompts):
