@@ -36,15 +36,14 @@ def points(quick: bool) -> dict[int, int]:
 def run_rounds(ckpt: c.Checkpoint, full: str, small: str, pts: dict[int, int], rounds: int,
                repeats: int, prompt_len: int) -> dict[str, dict[int, c.Measurement]]:  # fmt: skip
     """Every engine's best time per batch size over ``rounds`` turns."""
-    vocab = ckpt.info["vocab_size"]
-    requests = {
-        b: c.requests_for(c.make_prompts(b, prompt_len, vocab), c.sampling(m, c.budget_args(full)))
-        for b, m in pts.items()
-    }
-    plain = {b: [(p, s.clone()) for p, s in reqs] for b, reqs in requests.items()}
-    for reqs in plain.values():
-        for _, s in reqs:
-            s.extra_args = None
+    prompts = {b: c.make_prompts(b, prompt_len, ckpt.info["vocab_size"]) for b in pts}
+
+    def at(budget: str | None) -> dict[int, list[c.Request]]:  # None: no elastic keys (stock)
+        return {
+            b: c.requests_for(prompts[b], c.sampling(pts[b], c.budget_args(budget))) for b in pts
+        }
+
+    plain, requests = at(None), at(full)
     two = {"additional_config": {"elastic": {"serve_budgets": [small, full]}}}
     engines = {
         ENGINES[0]: (ckpt.sliced[full], {}, plain),

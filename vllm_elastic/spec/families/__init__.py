@@ -66,7 +66,6 @@ class ElasticConfigMixin:
     def serve_only(self, names: list[str] | tuple[str, ...]) -> None:
         """Declare only the budgets ``names`` from now on (an engine's ``serve_budgets``;
         ``spec.budgets.served_section``)."""
-        _ = self.elastic_spec  # the checkpoint's own section is valid
         self.elastic = served_section(self.elastic, names, self.family.parent_shape(self))
 
 
