@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_elastic.spec.engine_options import PACKINGS
+
 THREAD_ENV_KEYS = (
     "OMP_NUM_THREADS",
     "VLLM_CPU_OMP_THREADS_BIND",
@@ -119,7 +121,7 @@ def parse_settings(description: str, extra: Any = None) -> tuple[Settings, argpa
     )
     parser.add_argument(
         "--weight-packing",
-        choices=("auto", "nested", "per-budget", "views"),
+        choices=PACKINGS,
         help="elastic engines' additional_config elastic.weight_packing (default: auto)",
     )
     parser.add_argument(
@@ -211,7 +213,8 @@ def _git_state() -> dict[str, Any]:
     import vllm_elastic
 
     digest = hashlib.sha256()
-    for path in sorted(Path(list(vllm_elastic.__path__)[0]).rglob("*.py")):
+    root = Path(list(vllm_elastic.__path__)[0])
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.cpp")]):
         digest.update(path.read_bytes())
     return {
         "commit": git("rev-parse", "HEAD"),

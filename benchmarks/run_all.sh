@@ -14,12 +14,16 @@ for script in "${SCRIPTS[@]}"; do
     echo "=== $script $* ($((SECONDS - start)) s elapsed)"
     "$PY" "benchmarks/$script.py" "$@"
 done
-# the speed option: one packed weight copy per budget (memory = the stock engines' sum)
-VARIANT_DIR=benchmarks/results/per_budget
-[ ${#QUICK[@]} -gt 0 ] && VARIANT_DIR=benchmarks/results/quick/per_budget
-for script in bench_budgets bench_mixed; do
-    echo "=== $script --weight-packing per-budget ($((SECONDS - start)) s elapsed)"
-    "$PY" "benchmarks/$script.py" "$@" --weight-packing per-budget --out-dir "$VARIANT_DIR"
+# other weight packings: per-budget (one packed copy per budget: memory = the stock
+# engines' sum) and blocked (one copy, one call per projection: our nested GEMM kernel)
+for variant in "per-budget:bench_budgets bench_mixed" "blocked:bench_budgets bench_scaling"; do
+    packing=${variant%%:*}
+    VARIANT_DIR=benchmarks/results/${packing//-/_}
+    [ ${#QUICK[@]} -gt 0 ] && VARIANT_DIR=benchmarks/results/quick/${packing//-/_}
+    for script in ${variant#*:}; do
+        echo "=== $script --weight-packing $packing ($((SECONDS - start)) s elapsed)"
+        "$PY" "benchmarks/$script.py" "$@" --weight-packing "$packing" --out-dir "$VARIANT_DIR"
+    done
 done
 # Star Elastic's family: NemotronH (Mamba-2 + attention + MLP; stock vLLM's CPU build cannot
 # run its MoE layers, so the comparison preset has none)

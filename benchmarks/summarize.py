@@ -84,7 +84,7 @@ def control_rows(data: dict, label: str = "") -> list[tuple]:
     return out
 
 
-def scaling_rows(data: dict) -> list[tuple]:
+def scaling_rows(data: dict, label: str = "") -> list[tuple]:
     out = []
     for r in data["rows"]:
         sweep = "decode" if "decode" in r["sweep"] else "prefill"
@@ -92,7 +92,7 @@ def scaling_rows(data: dict) -> list[tuple]:
         out.append(
             _target_row(
                 f"latency {sweep} {r['budget']} B={r['batch']} L={r['prompt_len']}: "
-                f"elastic/stock (eager: {r[f'{sweep}_ratio_eager']})",
+                f"elastic{label}/stock (eager: {r[f'{sweep}_ratio_eager']})",
                 ratio,
                 ">= 0.95",
                 ratio >= 0.95,
@@ -162,8 +162,11 @@ SECTIONS = {
     "kv_bound": kv_bound_rows,
 }
 
-VARIANT_SECTIONS = {"budgets": budgets_rows, "mixed": mixed_rows}
-PER_BUDGET_DIR = "per_budget"
+# run_all.sh's passes with another weight packing: folder -> (packing, sections)
+PACKING_VARIANTS = {
+    "per_budget": ("per-budget", {"budgets": budgets_rows, "mixed": mixed_rows}),
+    "blocked": ("blocked", {"budgets": budgets_rows, "scaling": scaling_rows}),
+}
 # run_all.sh's NemotronH pass (Star Elastic's family)
 HYBRID_SECTIONS = {"budgets": budgets_rows, "mixed": mixed_rows, "budget_control": control_rows}
 HYBRID_DIR = "nemotron_h"
@@ -183,10 +186,11 @@ def main() -> None:
             continue
         meta = meta or data["meta"]
         rows += fn(data)
-    for name, fn in VARIANT_SECTIONS.items():  # run_all.sh's per-budget packing pass
-        data = load(out_dir / PER_BUDGET_DIR, name)
-        if data is not None:
-            rows += fn(data, " (per-budget packing)")
+    for folder, (packing, sections) in PACKING_VARIANTS.items():
+        for name, fn in sections.items():
+            data = load(out_dir / folder, name)
+            if data is not None:
+                rows += fn(data, f" ({packing} packing)")
     for name, fn in HYBRID_SECTIONS.items():
         data = load(out_dir / HYBRID_DIR, name)
         if data is not None:

@@ -46,15 +46,23 @@ def test_quick_benchmarks_run_and_agree_with_stock():
         assert (QUICK / f"{name}.md").read_text().strip()
     assert (QUICK / "budgets_ratio.png").stat().st_size > 0
 
-    for folder, packing in ((QUICK, "nested"), (QUICK / "per_budget", "per-budget")):
+    variants = (
+        (QUICK, "nested"),
+        (QUICK / "per_budget", "per-budget"),
+        (QUICK / "blocked", "blocked"),
+    )
+    for folder, packing in variants:
         budgets = _load(folder / "budgets.json")
         assert budgets["engines"]["elastic"]["weight_packing"]["down"] == packing
         names = [r["budget"] for r in budgets["rows"]]
         assert len(names) == 3
         for row in budgets["rows"]:
             assert row["same_outputs"] == 1.0, (packing, row["budget"])
-        mixed = _load(folder / "mixed.json")
-        assert "+".join(names) in {r["mix"] for r in mixed["rows"]}
+        if packing != "blocked":
+            mixed = _load(folder / "mixed.json")
+            assert "+".join(names) in {r["mix"] for r in mixed["rows"]}
+    scaling = _load(QUICK / "blocked" / "scaling.json")
+    assert {r["budget"] for r in scaling["rows"]} == set(names)
 
     memory = _load(QUICK / "memory.json")["summary"]
     assert memory["elastic_vs_full"] <= 1.01  # bytes, not speed: one copy of the weights
@@ -90,3 +98,4 @@ def test_quick_benchmarks_run_and_agree_with_stock():
 
     summary = (QUICK / "summary.md").read_text()
     assert "per-budget packing" in summary and "NemotronH" in summary
+    assert "blocked packing" in summary

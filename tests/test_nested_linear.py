@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vllm_elastic.kernels import nested_gemm
 from vllm_elastic.models.layers.mlp import windows as _windows
 from vllm_elastic.models.nested_linear import NestedLinear, onednn_available
 
@@ -23,7 +24,9 @@ def _reference(weight, bias, x, runs):
 
 
 def _linear(packing):
-    if packing != "views" and not onednn_available():
+    if packing == "blocked" and nested_gemm.unavailable_reason():
+        pytest.skip(nested_gemm.unavailable_reason())
+    if packing not in ("views", "blocked") and not onednn_available():
         pytest.skip("vLLM built without oneDNN")
     torch.manual_seed(0)
     weight, bias = torch.randn(160, 80), torch.randn(160)
@@ -32,14 +35,53 @@ def _linear(packing):
     return nl, weight, bias, torch.randn(sum(m for _, m in RUNS), 80)
 
 
-@pytest.mark.parametrize("packing", ["nested", "per-budget", "views"])
-def test_each_run_gets_its_budgets_prefix(packing):
+@pytest.mark.parametrize("packing", ["nested", "blocked", "per-budget", "views"])
+@pytest.mark.parametrize("order", ["descending", "ascending"])
+def test_each_run_gets_its_budgets_prefix(packing, order):
     nl, weight, bias, x = _linear(packing)
-    y = nl(x, RUNS)
+    runs = RUNS if order == "descending" else list(reversed(RUNS))
+    y = nl(x, runs)
     start = 0
-    for (want, n), (_, m) in zip(_reference(weight, bias, x, RUNS), RUNS):
+    for (want, n), (_, m) in zip(_reference(weight, bias, x, runs), runs):
         torch.testing.assert_close(y[start : start + m, :n], want, rtol=1e-5, atol=1e-4)
         start += m
+
+
+@pytest.mark.parametrize("packing", ["nested", "blocked", "per-budget", "views"])
+def test_narrow_is_a_larger_budgets_rows_at_a_smaller_input_width(packing):
+    """``narrow(x, 2, 1)``: budget 2's 160 rows over budget 1's 32 input columns."""
+    nl, weight, bias, x = _linear(packing)
+    torch.testing.assert_close(
+        nl.narrow(x, 2, 1), x[:, :32] @ weight[:, :32].T + bias, rtol=1e-5, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 24, 25, 250, 487])
+def test_blocked_kernel_at_every_row_regime(rows):
+    """The nested GEMM's paths: a partial 6-row tile, few rows (k unsliced), many rows
+    (k in slices of 256, rows in chunks of 240), an output width not a multiple of 16."""
+    if nested_gemm.unavailable_reason():
+        pytest.skip(nested_gemm.unavailable_reason())
+    torch.manual_seed(rows)
+    weight, bias = torch.randn(200, 600), torch.randn(200)
+    nl = NestedLinear([(40, 300), (200, 600)])
+    nl.pack(weight, bias, "blocked")
+    x = torch.randn(rows, 600)
+    for budget, (n, k) in enumerate([(40, 300), (200, 600)]):
+        torch.testing.assert_close(
+            nl(x, [(budget, rows)])[:, :n],
+            x[:, :k] @ weight[:n, :k].T + bias[:n],
+            rtol=1e-5,
+            atol=1e-3,
+        )
+
+
+def test_blocked_packing_refuses_what_the_kernel_cannot_run():
+    from vllm_elastic.errors import ElasticConfigError
+
+    assert "float32" in nested_gemm.unavailable_reason(torch.bfloat16)
+    with pytest.raises(ElasticConfigError, match="'blocked' cannot run here"):
+        NestedLinear([(16, 16)]).pack(torch.zeros(16, 16, dtype=torch.bfloat16), None, "blocked")
 
 
 def test_blocks_are_the_output_unassembled():

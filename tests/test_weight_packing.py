@@ -55,7 +55,7 @@ def _mixed_batch(name, refs, prompts):
     return batch, extra, max_tokens, want
 
 
-@pytest.mark.parametrize("packing", ["nested", "per-budget", "views"])
+@pytest.mark.parametrize("packing", ["nested", "blocked", "per-budget", "views"])
 def test_every_packing_matches_the_sliced_checkpoints(packing, reference, elastic_llm, prompts):
     refs = {b: reference(CHAIN, b) for b in budget_names(CHAIN)}
     llm = elastic_llm(CHAIN, additional_config={"elastic": {"weight_packing": packing}})

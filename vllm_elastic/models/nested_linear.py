@@ -15,6 +15,12 @@ every nested checkpoint) the weight can be stored so that each level is fast:
     GEMMs; the shells hold exactly the elements of ``W`` (1.0x memory). Rows of several
     levels stacked in descending level order share each shell's GEMM, so a mixed batch
     reads every weight element once.
+``blocked``
+    (CPU, AVX2, our kernel ``kernels/nested_gemm.cpp``) ``W`` stored once in 16-row
+    blocks, so any prefix ``W[:n, :k]`` is one call, and a mixed batch (its runs in any
+    order) one call that reads each weight element once: 1.0x memory and one GEMM per
+    projection at every level. Faster than oneDNN at a few rows, slower at many (see the
+    README's packing table).
 ``per-budget``
     (CPU, oneDNN) one packed copy of ``W[:n_l, :k_l]`` per level: one GEMM per level, like a
     stock engine serving the sliced checkpoint, for the sum of the levels' bytes.
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 
 from vllm_elastic.compat.cpu_kernels import OneDNNWeight, onednn_available
 from vllm_elastic.errors import ElasticConfigError
+from vllm_elastic.kernels import nested_gemm
 from vllm_elastic.models import scratch
 from vllm_elastic.spec.engine_options import PACKINGS, engine_options
 
@@ -46,10 +53,16 @@ def requested_packing(vllm_config: Any) -> str:
 
 def resolve_packing(packing: str, device: torch.device) -> str:
     """The packing to use for one of ``PACKINGS``: ``auto`` is ``nested`` on CPU with
-    oneDNN, else ``views``. Asking for a oneDNN packing elsewhere is an error."""
+    oneDNN, else ``views``. Asking for a packing this engine cannot run is an error."""
     cpu_onednn = device.type == "cpu" and onednn_available()
     if packing == "auto":
         return "nested" if cpu_onednn else "views"
+    if packing == "blocked":
+        why = "it runs on CPU only" if device.type != "cpu" else nested_gemm.unavailable_reason()
+        if why:
+            raise ElasticConfigError(f"elastic.weight_packing: 'blocked' cannot run here: {why}")
+        nested_gemm.load()
+        return packing
     if packing != "views" and not cpu_onednn:
         raise ElasticConfigError(
             f"elastic.weight_packing: {packing!r} needs vLLM's CPU oneDNN GEMM, which this "
@@ -77,6 +90,7 @@ class NestedLinear:
         self._bands: list[OneDNNWeight | None] = []
         self._strips: list[OneDNNWeight | None] = []
         self._per_level: list[OneDNNWeight] = []
+        self._blocked: nested_gemm.BlockedWeight | None = None
 
     # ------------------------------------------------------------------ packing
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None, packing: str) -> str:
@@ -89,6 +103,11 @@ class NestedLinear:
         self.packing = packing
         if packing == "views":
             self.weight, self.bias = weight, bias
+            return packing
+        if packing == "blocked":
+            n, k = (max(p[i] for p in self.levels) for i in (0, 1))
+            top_bias = None if bias is None else bias[:n]
+            self._blocked = nested_gemm.BlockedWeight(weight[:n, :k], top_bias)
             return packing
         bias_of = (lambda a, b: None) if bias is None else (lambda a, b: bias[a:b])
         if packing == "per-budget":
@@ -103,13 +122,13 @@ class NestedLinear:
 
     def packed_bytes(self) -> int:
         """Bytes of the oneDNN-packed blocks (0 for ``views``: the plain parameter holds it)."""
-        blocks = [*self._bands, *self._strips, *self._per_level]
+        blocks = [*self._bands, *self._strips, *self._per_level, self._blocked]
         return sum(b.bytes for b in blocks if b is not None)
 
     # ------------------------------------------------------------------ forward
     @property
     def fills_out(self) -> bool:
-        """Whether calls write the ``out`` they are given (the oneDNN packings)."""
+        """Whether calls write the ``out`` they are given (every packing but ``views``)."""
         return self.packing != "views"
 
     def out_width(self, runs: Sequence[tuple[int, int]]) -> int:
@@ -131,6 +150,11 @@ class NestedLinear:
         if len(levels) == 1:
             return self._one_level(x, levels[0][0], out)
         top = max(lv for lv, _ in levels)
+        if self._blocked is not None:  # one call, runs in any order
+            if out is None:
+                out = x.new_empty(x.shape[0], self.levels[top][0])
+            n, k = zip(*(self.levels[lv] for lv, _ in levels))
+            return self._blocked(x, out, n, k, [m for _, m in levels])
         descending = all(a[0] >= b[0] for a, b in zip(levels, levels[1:]))
         if self.packing == "nested" and descending:
             return self._nested(x, levels, out)
@@ -195,6 +219,8 @@ class NestedLinear:
         if self.packing == "views":
             bias = None if self.bias is None else self.bias[:n]
             return F.linear(x[:, :k], self.weight[:n, :k], bias)
+        if self._blocked is not None:
+            return self._blocked(x, x.new_empty(x.shape[0], n), [n], [k])
         padded = F.pad(x[:, :k], (0, k_top - k))
         if self.packing == "per-budget" or top == low:
             return self._one_level(padded, top, None)
@@ -219,6 +245,8 @@ class NestedLinear:
             return F.linear(x[:, :k], self.weight[:n, :k], bias)
         if self.packing == "per-budget":
             return self._per_level[level](x[:, :k], out)
+        if self._blocked is not None:
+            return self._blocked(x, x.new_empty(x.shape[0], n) if out is None else out, [n], [k])
         return self._nested(x, [(level, x.shape[0])], out)
 
     def _nested(

@@ -28,7 +28,7 @@ REQUEST_KEY_PREFIX = "elastic"
 KEY_RESOLVED = "_elastic"
 
 # -- engine options --------------------------------------------------------------------
-PACKINGS = ("auto", "nested", "per-budget", "views")
+PACKINGS = ("auto", "nested", "blocked", "per-budget", "views")
 DEFAULT_MLP_WINDOW = 512
 ENGINE_KEYS: dict[str, str] = {
     KEY_BUDGET: "default budget of every request",
