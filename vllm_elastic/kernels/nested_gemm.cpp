@@ -5,12 +5,14 @@
 // from ONE copy of W stored column-blocked as wp[NB][K][16] (wp[b][k][l] = W[16 b + l][k],
 // rows past N zero). Any prefix W[:n, :k] is then a prefix of every 16-row block, so each
 // budget of a nested linear (and a batch mixing budgets) is one call reading each weight
-// element at most once per row chunk.
+// element from memory once.
 //
-// Threads split the 16-row blocks. Few rows (decode): each weight block streams once over
-// all of k. Many rows: k is cut in slices of 256 so a block's slice stays in L1, and rows
-// in chunks of 240 so the packed inputs stay in L2. The micro-kernel computes 6 rows x 16
-// outputs with 12 named accumulators (arrays of __m256 make GCC spill them).
+// The input rows are packed once per call (tiles of 6 rows, [k][6]); threads split the
+// 16-row weight blocks. Few rows (decode): each block's strip streams once over all of k.
+// Many rows (Goto order): a panel of 32 blocks x 256 of k stays in L2 while chunks of 240
+// rows pass over it, each block's slice in L1 for the chunk's tiles; the next slice is
+// prefetched. The micro-kernel computes 6 rows x 16 outputs in 12 named accumulators
+// (arrays of __m256 make GCC spill them to the stack every iteration).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -25,16 +27,18 @@ constexpr int64_t MR = 6;        // rows per micro-tile
 constexpr int64_t MC = 240;      // rows per chunk (packed inputs in L2)
 constexpr int64_t KC = 256;      // k per slice when rows are many
 constexpr int64_t SMALL_M = 24;  // up to this many rows: no k slicing
-constexpr int64_t JB = 16;       // blocks per pass over a chunk (outputs stay in L2)
+constexpr int64_t JB = 32;       // blocks per weight panel (32 x 16 x 256 floats: L2)
+constexpr int64_t PACK_GRAIN = 16;  // row tiles per packing thread (fewer: no fork)
 
 // y[R][16] = a (packed [kc][MR]) @ w ([kc][16]) + (y if acc_from_y, else bias if any)
-template <int R>
+template <int R, bool PF>
 void micro(const float* a, const float* w, int64_t kc, float* y, int64_t ldy,
-           const float* bias, bool acc_from_y) {
+           const float* bias, bool acc_from_y, const float* pf) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t kk = 0; kk < kc; ++kk, a += MR, w += NR) {
     const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+    if constexpr (PF) _mm_prefetch(reinterpret_cast<const char*>(pf + kk * NR), _MM_HINT_T0);
 #define ELASTIC_ROW(r)                               \
   if constexpr (R > r) {                             \
     const __m256 xb = _mm256_broadcast_ss(a + r);    \
@@ -60,9 +64,14 @@ void micro(const float* a, const float* w, int64_t kc, float* y, int64_t ldy,
 #undef ELASTIC_STORE
 }
 
-using Micro = void (*)(const float*, const float*, int64_t, float*, int64_t, const float*, bool);
-constexpr Micro kMicro[MR + 1] = {nullptr,  micro<1>, micro<2>, micro<3>,
-                                  micro<4>, micro<5>, micro<6>};
+using Micro = void (*)(const float*, const float*, int64_t, float*, int64_t, const float*, bool,
+                       const float*);
+// [prefetch the next weight slice][rows]
+constexpr Micro kMicro[2][MR + 1] = {
+    {nullptr, micro<1, false>, micro<2, false>, micro<3, false>, micro<4, false>,
+     micro<5, false>, micro<6, false>},
+    {nullptr, micro<1, true>, micro<2, true>, micro<3, true>, micro<4, true>, micro<5, true>,
+     micro<6, true>}};
 
 void check(const at::Tensor& y, const at::Tensor& x, const at::Tensor& wp,
            const c10::optional<at::Tensor>& bias, at::IntArrayRef rows, at::IntArrayRef n,
@@ -117,65 +126,78 @@ void nested_mm(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp,
   if (M == 0 || nmax == 0) return;
   const int64_t kslice = M <= SMALL_M ? std::max<int64_t>(kall, 1) : KC;
   const int64_t NB = (nmax + NR - 1) / NR;
+
+  // Row tiles of MR rows (never across segments), packed once for all threads as
+  // [k_s][MR] each, so a k slice of a tile is contiguous.
+  struct Tile { int64_t row, rows, seg, off; };
+  std::vector<Tile> tiles;
+  int64_t packed = 0;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t r = start[s]; r < start[s + 1]; r += MR) {
+      tiles.push_back({r, std::min(MR, start[s + 1] - r), s, packed});
+      packed += seg_k[s] * MR;
+    }
+  const int64_t T = tiles.size();
+  // reused between calls (grown, never zero-filled): the packed rows of this call
+  static thread_local std::vector<float> apack_store;
+  if (static_cast<int64_t>(apack_store.size()) < packed) apack_store.resize(packed);
+  float* const apack_data = apack_store.data();
+  at::parallel_for(0, T, PACK_GRAIN, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tile& tl = tiles[t];
+      float* ap = apack_data + tl.off;
+      const int64_t k = seg_k[tl.seg];
+      for (int64_t i = 0; i < tl.rows; ++i) {
+        const float* xr = X + (tl.row + i) * ldx;
+        for (int64_t kk = 0; kk < k; ++kk) ap[kk * MR + i] = xr[kk];
+      }
+    }
+  });
+  const int64_t TC = MC / MR;  // tiles per chunk: a chunk's k slice of packed rows in L2
+
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     alignas(32) float tail[MR * NR];
-    std::vector<float> apack((std::min(M, MC) + MR * S) * kslice);
-    std::vector<int64_t> seg_off(S);
-    for (int64_t ic = 0; ic < M; ic += MC) {
-      const int64_t ie = std::min(M, ic + MC);
-      int64_t kmax = 0;
-      for (int64_t s = 0; s < S; ++s)
-        if (start[s] < ie && start[s + 1] > ic) kmax = std::max(kmax, seg_k[s]);
-      for (int64_t jb = b0; jb < b1; jb += JB) {
-        const int64_t je = std::min(b1, jb + JB);
-        for (int64_t pc = 0; pc < kmax; pc += kslice) {
-          // pack this chunk's rows, segment by segment, as tiles [kc][MR]
-          int64_t off = 0;
-          for (int64_t s = 0; s < S; ++s) {
-            const int64_t r0 = std::max(ic, start[s]), r1 = std::min(ie, start[s + 1]);
-            seg_off[s] = off;
-            if (r0 >= r1 || pc >= seg_k[s]) continue;
-            const int64_t kc = std::min(kslice, seg_k[s] - pc);
-            for (int64_t r = r0; r < r1; r += MR) {
-              const int64_t R = std::min(MR, r1 - r);
-              float* ap = apack.data() + off;
-              for (int64_t i = 0; i < R; ++i) {
-                const float* xr = X + (r + i) * ldx + pc;
-                for (int64_t kk = 0; kk < kc; ++kk) ap[kk * MR + i] = xr[kk];
-              }
-              off += kc * MR;
-            }
-          }
+    // Goto order: a panel of JB blocks x kslice of the weight stays in L2 while every
+    // chunk of rows passes over it, so the weight streams from memory once per call
+    for (int64_t jb = b0; jb < b1; jb += JB) {
+      const int64_t je = std::min(b1, jb + JB);
+      for (int64_t pc = 0; pc < kall; pc += kslice) {
+        for (int64_t tc = 0; tc < T; tc += TC) {
+          const int64_t te = std::min(T, tc + TC);
           for (int64_t b = jb; b < je; ++b) {
             const float* wb = W + (b * K + pc) * NR;
             const float* bb = (B && pc == 0) ? B + b * NR : nullptr;
-            for (int64_t s = 0; s < S; ++s) {
-              const int64_t r0 = std::max(ic, start[s]), r1 = std::min(ie, start[s + 1]);
-              const int64_t n = seg_n[s], k = seg_k[s];
-              if (r0 >= r1 || b * NR >= n) continue;
+            for (int64_t t = tc; t < te; ++t) {
+              const Tile& tl = tiles[t];
+              const int64_t n = seg_n[tl.seg], k = seg_k[tl.seg];
+              if (b * NR >= n) continue;
               const int64_t lanes = std::min(NR, n - b * NR);
+              float* yo = Y + tl.row * ldy + b * NR;
               if (k == 0 || pc >= k) {  // no input columns: bias (or zeros) only
                 if (pc == 0 && k == 0)
-                  for (int64_t r = r0; r < r1; ++r)
-                    for (int64_t l = 0; l < lanes; ++l) Y[r * ldy + b * NR + l] = bb ? bb[l] : 0.f;
+                  for (int64_t i = 0; i < tl.rows; ++i)
+                    for (int64_t l = 0; l < lanes; ++l) yo[i * ldy + l] = bb ? bb[l] : 0.f;
                 continue;
               }
               const int64_t kc = std::min(kslice, k - pc);
-              const float* ap = apack.data() + seg_off[s];
-              for (int64_t r = r0; r < r1; r += MR, ap += kc * MR) {
-                const int64_t R = std::min(MR, r1 - r);
-                float* yo = Y + r * ldy + b * NR;
-                if (lanes == NR) {
-                  kMicro[R](ap, wb, kc, yo, ldy, bb, pc > 0);
-                  continue;
-                }
-                // last block of a width that is not a multiple of 16: through a buffer
-                for (int64_t i = 0; pc > 0 && i < R; ++i)
-                  std::copy(yo + i * ldy, yo + i * ldy + lanes, tail + i * NR);
-                kMicro[R](ap, wb, kc, tail, NR, bb, pc > 0);
-                for (int64_t i = 0; i < R; ++i)
-                  std::copy(tail + i * NR, tail + i * NR + lanes, yo + i * ldy);
+              const float* ap = apack_data + tl.off + pc * MR;
+              // with k sliced, the chunk's first tile pulls the next block's slice (64 KB
+              // or more away) towards L1 (measured: no gain unsliced, where the next
+              // block's strip follows in memory for the full budget)
+              const bool pf = kslice < kall && t == tc && b + 1 < je &&
+                              kc == std::min(kslice, kall - pc);
+              const Micro micro_r = kMicro[pf][tl.rows];
+              const float* next = wb + K * NR;
+              if (lanes == NR) {
+                micro_r(ap, wb, kc, yo, ldy, bb, pc > 0, next);
+                continue;
               }
+              // last block of a width that is not a multiple of 16: through a buffer
+              for (int64_t i = 0; pc > 0 && i < tl.rows; ++i)
+                std::copy(yo + i * ldy, yo + i * ldy + lanes, tail + i * NR);
+              micro_r(ap, wb, kc, tail, NR, bb, pc > 0, next);
+              for (int64_t i = 0; i < tl.rows; ++i)
+                std::copy(tail + i * NR, tail + i * NR + lanes, yo + i * ldy);
             }
           }
         }
