@@ -16,7 +16,7 @@ for script in "${SCRIPTS[@]}"; do
 done
 # other weight packings: per-budget (one packed copy per budget: memory = the stock
 # engines' sum) and blocked (one copy, one call per projection: our nested GEMM kernel)
-for variant in "per-budget:bench_budgets bench_mixed" "blocked:bench_budgets bench_scaling"; do
+for variant in "per-budget:bench_budgets bench_mixed" "blocked:bench_budgets bench_mixed bench_scaling"; do
     packing=${variant%%:*}
     VARIANT_DIR=benchmarks/results/${packing//-/_}
     [ ${#QUICK[@]} -gt 0 ] && VARIANT_DIR=benchmarks/results/quick/${packing//-/_}

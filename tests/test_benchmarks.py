@@ -58,9 +58,8 @@ def test_quick_benchmarks_run_and_agree_with_stock():
         assert len(names) == 3
         for row in budgets["rows"]:
             assert row["same_outputs"] == 1.0, (packing, row["budget"])
-        if packing != "blocked":
-            mixed = _load(folder / "mixed.json")
-            assert "+".join(names) in {r["mix"] for r in mixed["rows"]}
+        mixed = _load(folder / "mixed.json")
+        assert "+".join(names) in {r["mix"] for r in mixed["rows"]}
     scaling = _load(QUICK / "blocked" / "scaling.json")
     assert {r["budget"] for r in scaling["rows"]} == set(names)
 
