@@ -39,6 +39,15 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
     return None
 
 
+def require(dtype: torch.dtype = torch.float32) -> None:
+    """Make the kernel ready for ``dtype`` weights (compiled and loaded), or raise
+    ElasticConfigError saying why it cannot run here."""
+    why = unavailable_reason(dtype)
+    if why:
+        raise ElasticConfigError(f"elastic.weight_packing: 'blocked' cannot run here: {why}")
+    load()
+
+
 def load() -> None:
     """Compile (first use on this machine) and load the kernel; ElasticConfigError if
     that fails, with the compiler's reason."""
@@ -71,28 +80,27 @@ class BlockedWeight:
     ``W[:n, :k]`` is one call, for the bytes of ``W`` (rows padded to a multiple of 16)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        why = unavailable_reason(weight.dtype)
-        if why:
-            raise ElasticConfigError(f"elastic.weight_packing: 'blocked' cannot run here: {why}")
-        load()
-        self.n, self.k = weight.shape
+        require(weight.dtype)
         self.packed = torch.ops.vllm_elastic.nested_pack(weight.detach())
         self.bias = None
         if bias is not None:
             self.bias = bias.new_zeros(self.packed.shape[0] * BLOCK)
-            self.bias[: self.n] = bias
+            self.bias[: weight.shape[0]] = bias
         self.bytes = self.packed.numel() * self.packed.element_size()
 
     def __call__(
         self,
         x: torch.Tensor,
-        out: torch.Tensor,
         n: Sequence[int],
         k: Sequence[int],
         rows: Sequence[int] = (),
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fill ``out[r, :n_s] = x[r, :k_s] @ W[:n_s, :k_s].T (+ bias)`` for the rows of
-        each segment ``s`` (``rows`` empty: one segment of every row); returns ``out``."""
+        each segment ``s`` (``rows`` empty: one segment of every row); returns ``out``
+        (a new ``[rows, max(n)]`` tensor when not given)."""
+        if out is None:
+            out = x.new_empty(x.shape[0], max(n))
         torch.ops.vllm_elastic.nested_mm(
             out, x, self.packed, self.bias, list(rows), list(n), list(k)
         )

@@ -58,10 +58,11 @@ def resolve_packing(packing: str, device: torch.device) -> str:
     if packing == "auto":
         return "nested" if cpu_onednn else "views"
     if packing == "blocked":
-        why = "it runs on CPU only" if device.type != "cpu" else nested_gemm.unavailable_reason()
-        if why:
-            raise ElasticConfigError(f"elastic.weight_packing: 'blocked' cannot run here: {why}")
-        nested_gemm.load()
+        if device.type != "cpu":
+            raise ElasticConfigError(
+                "elastic.weight_packing: 'blocked' cannot run here: it runs on CPU only"
+            )
+        nested_gemm.require()
         return packing
     if packing != "views" and not cpu_onednn:
         raise ElasticConfigError(
@@ -151,10 +152,8 @@ class NestedLinear:
             return self._one_level(x, levels[0][0], out)
         top = max(lv for lv, _ in levels)
         if self._blocked is not None:  # one call, runs in any order
-            if out is None:
-                out = x.new_empty(x.shape[0], self.levels[top][0])
             n, k = zip(*(self.levels[lv] for lv, _ in levels))
-            return self._blocked(x, out, n, k, [m for _, m in levels])
+            return self._blocked(x, n, k, [m for _, m in levels], out)
         descending = all(a[0] >= b[0] for a, b in zip(levels, levels[1:]))
         if self.packing == "nested" and descending:
             return self._nested(x, levels, out)
@@ -220,7 +219,7 @@ class NestedLinear:
             bias = None if self.bias is None else self.bias[:n]
             return F.linear(x[:, :k], self.weight[:n, :k], bias)
         if self._blocked is not None:
-            return self._blocked(x, x.new_empty(x.shape[0], n), [n], [k])
+            return self._blocked(x, [n], [k])
         padded = F.pad(x[:, :k], (0, k_top - k))
         if self.packing == "per-budget" or top == low:
             return self._one_level(padded, top, None)
@@ -246,7 +245,7 @@ class NestedLinear:
         if self.packing == "per-budget":
             return self._per_level[level](x[:, :k], out)
         if self._blocked is not None:
-            return self._blocked(x, x.new_empty(x.shape[0], n) if out is None else out, [n], [k])
+            return self._blocked(x, [n], [k], out=out)
         return self._nested(x, [(level, x.shape[0])], out)
 
     def _nested(
