@@ -56,24 +56,59 @@ def test_narrow_is_a_larger_budgets_rows_at_a_smaller_input_width(packing):
     )
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 24, 25, 250, 487])
-def test_blocked_kernel_at_every_row_regime(rows):
-    """The nested GEMM's paths: a partial 6-row tile, few rows (k unsliced), many rows
-    (k in slices of 256, rows in chunks of 240), an output width not a multiple of 16."""
+@pytest.fixture(params=["avx2", "avx512"])
+def kernel_isa(request):
+    """Run the test on one family of micro-kernels (the CPU's default restored after)."""
     if nested_gemm.unavailable_reason():
         pytest.skip(nested_gemm.unavailable_reason())
+    nested_gemm.load()
+    default = nested_gemm.isa()
+    if request.param == "avx512" and default != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    nested_gemm.isa(request.param)
+    yield request.param
+    nested_gemm.isa(default)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 24, 25, 250, 487])
+def test_blocked_kernel_at_every_row_regime(rows, kernel_isa):
+    """The nested GEMM's paths on both micro-kernel families: partial tiles (6 rows avx2,
+    24 avx512), few rows (k unsliced, the next strip prefetched across the budget's gap),
+    many rows (k in slices, rows in chunks of 240), an output width not a multiple of 16,
+    a k not a multiple of 8 (the packing's scalar edge)."""
     torch.manual_seed(rows)
-    weight, bias = torch.randn(200, 600), torch.randn(200)
-    nl = NestedLinear([(40, 300), (200, 600)])
+    weight, bias = torch.randn(200, 1100), torch.randn(200)
+    points = [(40, 301), (200, 1100)]
+    nl = NestedLinear(points)
     nl.pack(weight, bias, "blocked")
-    x = torch.randn(rows, 600)
-    for budget, (n, k) in enumerate([(40, 300), (200, 600)]):
+    x = torch.randn(rows, 1100)
+    for budget, (n, k) in enumerate(points):
         torch.testing.assert_close(
             nl(x, [(budget, rows)])[:, :n],
             x[:, :k] @ weight[:n, :k].T + bias[:n],
             rtol=1e-5,
             atol=1e-3,
         )
+    mixed = [(b, m) for b, m in [(1, rows // 3), (0, rows - rows // 3)] if m]  # one call
+    y, start = nl(x, mixed), 0
+    for budget, m in mixed:
+        n, k = points[budget]
+        torch.testing.assert_close(
+            y[start : start + m, :n],
+            x[start : start + m, :k] @ weight[:n, :k].T + bias[:n],
+            rtol=1e-5,
+            atol=1e-3,
+        )
+        start += m
+
+
+def test_kernel_isa_choice_is_checked():
+    if nested_gemm.unavailable_reason():
+        pytest.skip(nested_gemm.unavailable_reason())
+    nested_gemm.load()
+    with pytest.raises(RuntimeError, match="'avx512', 'avx2' or ''"):
+        nested_gemm.isa("sse")
+    assert nested_gemm.isa() in ("avx2", "avx512")
 
 
 def test_blocked_packing_refuses_what_the_kernel_cannot_run():

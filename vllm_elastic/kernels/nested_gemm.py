@@ -3,7 +3,9 @@
 The kernel is compiled the first time an engine asks for ``weight_packing: blocked``,
 with torch's extension builder (a C++ compiler and ninja are needed); torch caches the
 build under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so later
-engines only load it. It needs an x86-64 CPU with AVX2 and FMA, and fp32 weights.
+engines only load it. It needs an x86-64 CPU with AVX2 and FMA, and fp32 weights; where
+the CPU has AVX-512 it runs wider micro-kernels (24 rows per tile instead of 6), chosen
+at run time (``isa``).
 """
 
 from __future__ import annotations
@@ -72,7 +74,18 @@ def load() -> None:
             f"({SOURCE.name}) failed; it needs a C++ compiler (g++) and ninja: {e}"
         ) from e
     _loaded = True
-    logger.info("vllm-elastic nested GEMM kernel ready in %.1f s", time.perf_counter() - start)
+    logger.info(
+        "vllm-elastic nested GEMM kernel ready in %.1f s (%s micro-kernels)",
+        time.perf_counter() - start,
+        isa(),
+    )
+
+
+def isa(choice: str = "") -> str:
+    """The micro-kernels the loaded kernel runs: ``"avx512"`` where the CPU has it (the
+    default), else ``"avx2"``. ``choice`` pins one for this process (tests run both);
+    ``"avx512"`` on a CPU without it raises RuntimeError."""
+    return torch.ops.vllm_elastic.nested_isa(choice)
 
 
 class BlockedWeight:
