@@ -14,9 +14,10 @@ for script in "${SCRIPTS[@]}"; do
     echo "=== $script $* ($((SECONDS - start)) s elapsed)"
     "$PY" "benchmarks/$script.py" "$@"
 done
-# other weight packings: per-budget (one packed copy per budget: memory = the stock
-# engines' sum) and blocked (one copy, one call per projection: our nested GEMM kernel)
-for variant in "per-budget:bench_budgets bench_mixed" "blocked:bench_budgets bench_mixed bench_scaling"; do
+# other weight packings (the default, auto, is blocked where our nested GEMM kernel runs):
+# per-budget (one packed copy per budget: memory = the stock engines' sum) and nested
+# (one copy as oneDNN shells, 2c+1 GEMMs at level c)
+for variant in "per-budget:bench_budgets bench_mixed" "nested:bench_budgets bench_mixed bench_scaling"; do
     packing=${variant%%:*}
     VARIANT_DIR=benchmarks/results/${packing//-/_}
     [ ${#QUICK[@]} -gt 0 ] && VARIANT_DIR=benchmarks/results/quick/${packing//-/_}

@@ -165,7 +165,7 @@ SECTIONS = {
 # run_all.sh's passes with another weight packing: folder -> (packing, sections)
 PACKING_VARIANTS = {
     "per_budget": ("per-budget", {"budgets": budgets_rows, "mixed": mixed_rows}),
-    "blocked": ("blocked", {"budgets": budgets_rows, "mixed": mixed_rows, "scaling": scaling_rows}),
+    "nested": ("nested", {"budgets": budgets_rows, "mixed": mixed_rows, "scaling": scaling_rows}),
 }
 # run_all.sh's NemotronH pass (Star Elastic's family)
 HYBRID_SECTIONS = {"budgets": budgets_rows, "mixed": mixed_rows, "budget_control": control_rows}

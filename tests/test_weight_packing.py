@@ -1,14 +1,17 @@
 """Weight storage of the elastic projections (``additional_config.elastic.weight_packing``).
 
-On CPU the default (``auto``) packs each projection once, as nested shells for oneDNN,
-and drops the plain parameter: one copy of the weights serves every budget. The other
-packings must give the same tokens as stock vLLM on the sliced checkpoints.
+On CPU the default (``auto``) packs each projection once, in 16-row blocks for our nested
+GEMM kernel where it runs (x86-64 AVX2, fp32), else as nested shells for oneDNN, and drops
+the plain parameter: one copy of the weights serves every budget. Every packing must give
+the same tokens as stock vLLM on the sliced checkpoints.
 """
 
 from __future__ import annotations
 
 import pytest
 from conftest import CHECKPOINTS, assert_same_output, budget_names, greedy
+
+from vllm_elastic.kernels import nested_gemm
 
 CHAIN = "llama_chain"
 
@@ -21,7 +24,7 @@ def _projection_bytes(cfg: dict) -> int:
     return 4 * per_layer * cfg["num_hidden_layers"]
 
 
-def test_chain_is_packed_once_as_nested_shells(elastic_llm):
+def test_chain_is_packed_once_by_default(elastic_llm):
     llm = elastic_llm(CHAIN)
 
     def inspect(model):
@@ -31,12 +34,13 @@ def test_chain_is_packed_once_as_nested_shells(elastic_llm):
         return model.weight_packing, model.packed_weight_bytes(), plain
 
     packing, packed, plain = llm.apply_model(inspect)[0]
+    default = "nested" if nested_gemm.unavailable_reason() else "blocked"
     assert packing == {
         "requested": "auto",
-        "qkv": "nested",
-        "o": "nested",
-        "gate_up": "nested",
-        "down": "nested",
+        "qkv": default,
+        "o": default,
+        "gate_up": default,
+        "down": default,
     }
     assert packed == _projection_bytes(CHECKPOINTS[CHAIN])  # exactly one copy
     assert plain == 0  # the unpacked parameters were released
@@ -67,12 +71,18 @@ def test_every_packing_matches_the_sliced_checkpoints(packing, reference, elasti
         assert_same_output(g, w, f"{packing} request {k} ({extra[k]['elastic_budget']})")
 
 
-def test_non_chain_projection_falls_back_to_views(elastic_llm):
+def test_non_chain_projection_falls_back_to_views_with_nested_shells(elastic_llm):
     """llama_bias's budgets are not nested in qkv (q_thin is narrower but keeps more
-    heads than kv_half): that projection keeps its plain weight; the others pack."""
-    used = elastic_llm("llama_bias").apply_model(lambda model: model.weight_packing)[0]
+    heads than kv_half): nested shells cannot hold that projection, which keeps its plain
+    weight; the others pack. The nested GEMM (``auto`` where it runs) takes any prefixes."""
+    used = elastic_llm(
+        "llama_bias", additional_config={"elastic": {"weight_packing": "nested"}}
+    ).apply_model(lambda model: model.weight_packing)[0]
     assert used["qkv"] == "views"
     assert used["down"] == "nested"
+    if not nested_gemm.unavailable_reason():
+        used = elastic_llm("llama_bias").apply_model(lambda model: model.weight_packing)[0]
+        assert used["qkv"] == used["down"] == "blocked"
 
 
 def test_unknown_packing_is_rejected_at_start(checkpoint):

@@ -181,7 +181,8 @@ class ElasticForCausalLM(nn.Module):
     def process_weights_after_loading(self) -> None:
         """Pack every layer's projections (``additional_config["elastic"]["weight_packing"]``)."""
         requested = requested_packing(self.vllm_config)
-        packing = resolve_packing(requested, self.embed_tokens.weight.device)
+        weight = self.embed_tokens.weight
+        packing = resolve_packing(requested, weight.device, weight.dtype)
         used: dict[str, str] = {}
         for layer in self.layers:
             for name, how in layer.pack(packing).items():

@@ -40,8 +40,11 @@ import torch.nn.functional as F
 from vllm_elastic.compat.cpu_kernels import OneDNNWeight, onednn_available
 from vllm_elastic.errors import ElasticConfigError
 from vllm_elastic.kernels import nested_gemm
+from vllm_elastic.log import get_logger
 from vllm_elastic.models import scratch
 from vllm_elastic.spec.engine_options import PACKINGS, engine_options
+
+logger = get_logger(__name__)
 
 __all__ = ["PACKINGS", "NestedLinear", "onednn_available", "requested_packing", "resolve_packing"]
 
@@ -51,18 +54,26 @@ def requested_packing(vllm_config: Any) -> str:
     return engine_options(vllm_config).weight_packing
 
 
-def resolve_packing(packing: str, device: torch.device) -> str:
-    """The packing to use for one of ``PACKINGS``: ``auto`` is ``nested`` on CPU with
-    oneDNN, else ``views``. Asking for a packing this engine cannot run is an error."""
+def resolve_packing(packing: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The packing to use for one of ``PACKINGS``. ``auto`` is ``blocked`` on a CPU our
+    kernel runs on (x86-64 AVX2, fp32 weights; it is built on first use), else ``nested``
+    on CPU with oneDNN, else ``views``; when the kernel fails to build, ``auto`` says why
+    and takes ``nested``. Asking for a packing this engine cannot run is an error."""
     cpu_onednn = device.type == "cpu" and onednn_available()
     if packing == "auto":
+        if device.type == "cpu" and nested_gemm.unavailable_reason(dtype) is None:
+            try:
+                nested_gemm.load()
+                return "blocked"
+            except ElasticConfigError as e:
+                logger.warning("vllm-elastic weight_packing 'auto': %s; packing 'nested'", e)
         return "nested" if cpu_onednn else "views"
     if packing == "blocked":
         if device.type != "cpu":
             raise ElasticConfigError(
                 "elastic.weight_packing: 'blocked' cannot run here: it runs on CPU only"
             )
-        nested_gemm.require()
+        nested_gemm.require(dtype)
         return packing
     if packing != "views" and not cpu_onednn:
         raise ElasticConfigError(
