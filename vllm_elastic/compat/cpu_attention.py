@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vllm_elastic.kernels.graph_ops import fake_of, graph_op
+
 # scheduler metadata per (query heads, KV heads) of the current forward's attention
 # metadata, which is held here so that it is compared by identity, never by a reused id
 _CACHE: dict[str, Any] = {"meta": None, "by_heads": {}}
@@ -86,6 +88,24 @@ def _scheduler_metadata(
     return md
 
 
+def _own_kv_views(
+    layer: Any, kv_cache: torch.Tensor, n_kv: int, kv_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value caches' first ``kv_groups`` heads, as strided views of the
+    layer's head-major cache; made once per cache tensor and kept on the layer (so they
+    go with it)."""
+    cached = getattr(layer, "_elastic_own_kv", None)
+    if cached is None or cached[0] is not kv_cache:
+        cached = (kv_cache, {})
+        layer._elastic_own_kv = cached
+    pair = cached[1].get(kv_groups)
+    if pair is None:
+        blocks, _, block_size, _ = kv_cache.size()
+        key, value = kv_cache.view(blocks, n_kv, block_size * 2, -1).chunk(2, dim=2)
+        pair = cached[1][kv_groups] = (key[:, :kv_groups], value[:, :kv_groups])
+    return pair
+
+
 def attend(
     attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_groups: int,
     out: torch.Tensor | None = None,
@@ -99,27 +119,24 @@ def attend(
     only when ``supported(attn)``.
     """
     from vllm import _custom_ops as ops
-    from vllm.model_executor.layers.attention.attention import (
-        get_attention_context,
-        unified_kv_cache_update,
-    )
+    from vllm.model_executor.layers.attention.attention import get_attention_context
 
-    meta, layer, kv_cache, _ = get_attention_context(attn.layer_name)
+    meta, layer, kv_cache, slots = get_attention_context(attn.layer_name)
     if meta is None or getattr(meta, "encoder_cache", None) is not None:
         return None
     impl = attn.impl
     hd, n_kv = impl.head_size, impl.num_kv_heads
     heads = q.shape[1] // hd
-    unified_kv_cache_update(k.view(-1, n_kv, hd), v.view(-1, n_kv, hd), attn.layer_name)
+    if slots is not None:  # what vLLM's unified_kv_cache_update does, without its lookups
+        impl.do_kv_cache_update(layer, k.view(-1, n_kv, hd), v.view(-1, n_kv, hd), kv_cache, slots)
     n = meta.num_actual_tokens
-    blocks, _, block_size, _ = kv_cache.size()
-    key_cache, value_cache = kv_cache.view(blocks, n_kv, block_size * 2, -1).chunk(2, dim=2)
+    key_cache, value_cache = _own_kv_views(layer, kv_cache, n_kv, kv_groups)
     if out is None:
         out = q.new_empty(q.shape[0], heads * hd)
     ops.cpu_attention_with_kv_cache(
         query=q[:n].reshape(n, heads, hd),
-        key_cache=key_cache[:, :kv_groups],
-        value_cache=value_cache[:, :kv_groups],
+        key_cache=key_cache,
+        value_cache=value_cache,
         output=out[:n].view(n, heads, hd),
         query_start_loc=meta.query_start_loc,
         seq_lens=meta.seq_lens,
@@ -139,7 +156,7 @@ def attend(
     return out
 
 
-@torch.library.custom_op("vllm_elastic::own_heads_attention", mutates_args=("out",))
+@graph_op("own_heads_attention", mutates_args=("out",))
 def own_heads_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     layer_name: str, kv_groups: int,
@@ -156,7 +173,7 @@ def own_heads_attention(
     out.copy_(attn(wide, k, v)[:, : out.shape[1]])
 
 
-@own_heads_attention.register_fake
+@fake_of("own_heads_attention")
 def _(q, k, v, out, layer_name, kv_groups) -> None:  # noqa: ANN001
     return None
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from vllm_elastic.kernels.graph_ops import fake_of, graph_op
+
 
 def _mixer_cls() -> type:
     from vllm.model_executor.layers.mamba.abstract import MambaBase
@@ -183,7 +185,7 @@ def conv_ssm(
     return True
 
 
-@torch.library.custom_op("vllm_elastic::mamba_conv_ssm", mutates_args=("out",))
+@graph_op("mamba_conv_ssm", mutates_args=("out",))
 def mamba_conv_ssm(
     xbc: torch.Tensor, dt: torch.Tensor, out: torch.Tensor, conv_weight: torch.Tensor,
     conv_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
@@ -198,7 +200,7 @@ def mamba_conv_ssm(
     conv_ssm(mixer, xbc, dt, out, params, groups, token_heads)
 
 
-@mamba_conv_ssm.register_fake
+@fake_of("mamba_conv_ssm")
 def _(xbc, dt, out, conv_weight, conv_bias, A, D, dt_bias, token_heads, layer_name,  # noqa: ANN001, N803
       groups) -> None:  # noqa: ANN001  # fmt: skip
     return None

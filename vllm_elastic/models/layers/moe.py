@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm_elastic.kernels.graph_ops import fake_of, graph_op
 from vllm_elastic.models.layers.mlp import Relu2MLP, relu2_
 from vllm_elastic.models.nested_linear import NestedLinear
 from vllm_elastic.models.routing import Segment
@@ -124,7 +125,7 @@ class ElasticMoE(nn.Module):
         )  # fmt: skip
 
 
-@torch.library.custom_op("vllm_elastic::routed_experts", mutates_args=())
+@graph_op("routed_experts")
 def routed_experts(
     x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, up: torch.Tensor,
     down: torch.Tensor, hidden: int, n_experts: int, width: int, top_k: int, n_group: int,
@@ -155,7 +156,7 @@ def routed_experts(
     return out
 
 
-@routed_experts.register_fake
+@fake_of("routed_experts")
 def _(x, gate, bias, up, down, hidden, n_experts, width, top_k, n_group, topk_group,
       normalize, scale) -> torch.Tensor:  # noqa: ANN001  # fmt: skip
     return x.new_empty(x.shape[0], hidden, dtype=torch.float32)

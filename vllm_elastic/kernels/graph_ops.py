@@ -1,0 +1,43 @@
+"""Registration of the plugin's Python graph ops (``torch.ops.vllm_elastic.*``).
+
+An op that a compiled forward must not trace into (attention over a budget's own heads,
+the Mamba conv/scan, the routed experts) is registered the way vLLM registers its own:
+``define`` + ``impl`` on one ``torch.library.Library`` fragment, plus a fake for tracing.
+``torch.library.custom_op`` would wrap each call in about 15 µs of Python dispatch, which
+a decode step pays once per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+from torch.library import Library, infer_schema
+
+NAMESPACE = "vllm_elastic"
+LIB = Library(NAMESPACE, "FRAGMENT")  # the C++ kernels define the namespace's other ops
+
+Fn = TypeVar("Fn", bound=Callable)
+
+
+def graph_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable[[Fn], Fn]:
+    """Register the decorated function as ``torch.ops.vllm_elastic.<name>`` (schema from
+    its annotations; ``mutates_args`` names the tensors it writes in place)."""
+
+    def register(fn: Fn) -> Fn:
+        LIB.define(name + infer_schema(fn, mutates_args=tuple(mutates_args)))
+        LIB.impl(name, fn, "CompositeExplicitAutograd")
+        return fn
+
+    return register
+
+
+def fake_of(name: str) -> Callable[[Fn], Fn]:
+    """Register the decorated function as the op's fake (shapes only, for tracing)."""
+
+    def register(fn: Fn) -> Fn:
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fn, lib=LIB)
+        return fn
+
+    return register
