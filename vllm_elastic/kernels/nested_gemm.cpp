@@ -327,7 +327,9 @@ std::string nested_isa(const std::string& isa) {
 }
 
 TORCH_LIBRARY(vllm_elastic, m) {
-  m.def("nested_mm(Tensor(a!) y, Tensor x, Tensor wp, Tensor? bias, int[] rows, int[] n, "
+  // rows: SymInt[] so a graph whose segments have dynamic sizes (a mixed-budget graph)
+  // keeps them symbolic; the CPU kernel gets them as plain ints
+  m.def("nested_mm(Tensor(a!) y, Tensor x, Tensor wp, Tensor? bias, SymInt[] rows, int[] n, "
         "int[] k) -> ()");
   m.def("nested_pack(Tensor w) -> Tensor");
   m.def("nested_isa(str isa) -> str", &nested_isa);
@@ -341,6 +343,6 @@ TORCH_LIBRARY_IMPL(vllm_elastic, CPU, m) {
 // Tracing (torch.compile) sees the op's effect only through its mutated output.
 TORCH_LIBRARY_IMPL(vllm_elastic, Meta, m) {
   m.impl("nested_mm", [](at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-                          at::IntArrayRef) {});
+                          const c10::optional<at::Tensor>&, c10::SymIntArrayRef,
+                          at::IntArrayRef, at::IntArrayRef) {});
 }

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_elastic.compat.compile import is_compiling
 from vllm_elastic.compat.cpu_kernels import OneDNNWeight, onednn_available
 from vllm_elastic.errors import ElasticConfigError
 from vllm_elastic.kernels import nested_gemm
@@ -163,17 +162,9 @@ class NestedLinear:
         if len(levels) == 1:
             return self._one_level(x, levels[0][0], out)
         top = max(lv for lv, _ in levels)
-        if self._blocked is not None and not is_compiling():  # one call, runs in any order
+        if self._blocked is not None:  # one call, runs in any order
             n, k = zip(*(self.levels[lv] for lv, _ in levels))
             return self._blocked(x, n, k, [m for _, m in levels], out)
-        if self._blocked is not None:  # a mixed graph: its runs' row counts are symbolic
-            out = x.new_empty(x.shape[0], self.levels[top][0]) if out is None else out
-            start = 0
-            for lv, m in levels:  # the kernel takes plain row counts: one call per run
-                n, k = self.levels[lv]
-                self._blocked(x[start : start + m], (n,), (k,), (), out[start : start + m])
-                start += m
-            return out
         descending = all(a[0] >= b[0] for a, b in zip(levels, levels[1:]))
         if self.packing == "nested" and descending:
             return self._nested(x, levels, out)
