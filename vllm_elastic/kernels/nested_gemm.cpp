@@ -244,7 +244,30 @@ void nested_mm(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp,
   });
   const int64_t TC = MC / tr;  // tiles per chunk: a chunk's k slice of packed rows in L2
 
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+  // Threads split the blocks into ranges of equal work (rows x k over the segments that
+  // reach each block): in a mixed batch the first blocks serve every budget and the last
+  // only the largest, so an even split of the blocks would leave one thread idle.
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), NB));
+  std::vector<int64_t> bound(nt + 1, NB);
+  bound[0] = 0;
+  {
+    std::vector<double> cost(NB, 0.0);
+    double total = 0.0;
+    for (int64_t b = 0; b < NB; ++b) {
+      for (int64_t s = 0; s < S; ++s)
+        if (b * NR < seg_n[s]) cost[b] += double(seg_rows[s]) * double(seg_k[s] + 1);
+      total += cost[b];
+    }
+    double acc = 0.0;
+    int64_t t = 1;
+    for (int64_t b = 0; b < NB && t < nt; ++b) {
+      acc += cost[b];
+      while (t < nt && acc >= total * double(t) / double(nt)) bound[t++] = b + 1;
+    }
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+   for (int64_t th = t0; th < t1; ++th) {
+    const int64_t b0 = bound[th], b1 = bound[th + 1];
     alignas(64) float tail[WR * NR];
     // Goto order: a panel of JB blocks x kslice of the weight stays in L2 while every
     // chunk of rows passes over it, so the weight streams from memory once per call
@@ -300,6 +323,7 @@ void nested_mm(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp,
         }
       }
     }
+   }
   });
 }
 
