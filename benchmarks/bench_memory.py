@@ -103,7 +103,7 @@ def mib(n: float) -> float:
 def tables(
     ckpt: c.Checkpoint, elastic: dict, per_budget: dict, stock: dict, summary: dict
 ) -> list[str]:
-    head = ["engine", "params MiB", "oneDNN packed MiB", "weights MiB", "RSS growth MiB"]
+    head = ["engine", "params MiB", "packed MiB", "weights MiB", "RSS growth MiB"]
     head.append("KV B/token")
     kv_full = ckpt.budget(ckpt.budgets[0])["kv_bytes_per_token"]
     rows = [("elastic (all budgets)", elastic, kv_full)]
@@ -179,9 +179,10 @@ def main() -> None:
         target=round(mib(summary["stock_full_weights"]), 1),
     )
     note = (
-        "Weights = parameter bytes + oneDNN-packed copies. The elastic engine's default "
-        "(`weight_packing: nested`) packs each projection once as nested shells (1.0x); "
-        "`per-budget` packs one copy per budget for speed (about the stock sum). "
+        "Weights = parameter bytes + packed copies (stock: vLLM's oneDNN handles; elastic: "
+        "its packed projections). The elastic engine's default (`weight_packing: auto`, "
+        "`blocked` on this CPU) packs each projection once for its nested GEMM kernel "
+        "(1.0x); `per-budget` packs one oneDNN copy per budget (about the stock sum). "
         "KV B/token = K+V bytes one token occupies: the elastic engine writes K/V at the "
         "parent's width for every budget."
     )
