@@ -97,6 +97,7 @@ def test_register_is_idempotent_and_blocks_transformers_fallback(elastic_llm):
         ({"weight_packng": "nested"}, r"unknown key\(s\) \['weight_packng'\]; known keys"),
         ({"mlp_window": 0}, r"elastic.mlp_window: expected an int >= 1"),
         ({"mixed_graphs": "yes"}, r"elastic.mixed_graphs: expected true or false"),
+        ({"mamba_decode": "fast"}, r"elastic.mamba_decode: expected one of auto, kernel, vllm"),
         ({"elastic_budget": "huge"}, r"unknown budget 'huge'"),
         ({"serve_budgets": "full"}, r"elastic.serve_budgets: expected a non-empty list"),
         ({"serve_budgets": ["full", "huge"]}, r"serve_budgets: unknown budget\(s\) \['huge'\]"),

@@ -79,6 +79,28 @@ def test_compiled_engine_is_exact_alone_and_mixed(name, oracle, elastic_llm, pro
         assert_same_output(g, want[b][i], f"compiled {name}, mixed batch, {b} prompt {i}")
 
 
+def test_mamba_decode_paths_are_exact_mixed(oracle, elastic_llm, prompts):
+    """NemotronH decode steps run our fused CPU kernel by default where it builds
+    (``mamba_decode: auto``) and vLLM's kernels with ``mamba_decode: vllm`` (the path a
+    GPU takes): both equal the oracle with every budget mixed in one batch (tokens of
+    several state widths in one decode step)."""
+    from vllm_elastic.kernels import build
+
+    name, budgets = "hybrid", budget_names("hybrid")
+    want = {b: oracle(name, b) for b in budgets}
+    mix = [budgets[i % len(budgets)] for i in range(2 * len(prompts))]
+    batch = [prompts[i % len(prompts)] for i in range(len(mix))]
+    for option, fused in (("auto", build.unavailable_reason() is None), ("vllm", False)):
+        llm = elastic_llm(name, additional_config={"elastic": {"mamba_decode": option}})
+        flags = llm.apply_model(
+            lambda m: {getattr(layer.mixer, "fused_decode", None) for layer in m.layers}
+        )[0]
+        assert flags - {None} == {fused}, (option, flags)
+        got = greedy(llm, batch, [{"elastic_budget": b} for b in mix], 12)
+        for i, (g, b) in enumerate(zip(got, mix)):
+            assert_same_output(g, want[b][i % len(prompts)], f"{option}: {b} request {i}")
+
+
 @pytest.mark.parametrize("name,budgets", [("llama_bias", ["full", "tiny"]),
                                           ("hybrid", ["full", "small"])])  # fmt: skip
 def test_mixed_graphs_compile_every_budget_mix(name, budgets, oracle, checkpoint, engines, prompts):

@@ -3,8 +3,10 @@
 A ``MambaMixer2`` is built per layer for its state only: it registers as a layer, so the
 hybrid KV-cache allocator sizes and binds its conv and SSM state (prefix caching's align
 mode included); its weights are dropped (the elastic layer holds the one copy, in its own
-head order). ``conv_ssm`` runs vLLM's Mamba-2 kernels (the non-speculative path of
-``MambaMixer2.conv_ssm_forward``) for a prefix of the heads, on views of that state.
+head order). ``conv_ssm`` runs the conv and scan for a prefix of the heads on views of
+that state: vLLM's Mamba-2 kernels (the non-speculative path of
+``MambaMixer2.conv_ssm_forward``) for prefills, and for decode tokens our fused kernel
+(``kernels/mamba_decode.py``) on CPU, else vLLM's.
 
 On CPU the mixer's prefill-checkpoint KV spec is replaced by the plain Mamba spec: vLLM
 0.32's CPU chunk scan cannot export an intermediate state, so with prefix caching a
@@ -78,118 +80,172 @@ def _metadata(mixer: Any) -> Any:
     return meta.get(mixer.prefix) if isinstance(meta, dict) else None
 
 
+def state_dtypes(vllm_config: Any) -> tuple[Any, ...]:
+    """Dtypes of a NemotronH layer's Mamba state (conv, SSM) in this engine."""
+    from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
+
+    return NemotronHForCausalLM.get_mamba_state_dtype_from_config(vllm_config)
+
+
 def conv_ssm(
     mixer: Any,
-    xbc: torch.Tensor,
-    dt: torch.Tensor,
+    proj: torch.Tensor,
     out: torch.Tensor,
     params: dict[str, torch.Tensor],
     groups: int,
     token_heads: torch.Tensor | None = None,
+    fused_decode: bool = False,
 ) -> bool:
     """Conv + SSM over every token of the forward for the first ``heads`` heads of the
-    elastic layer's head order (``out.shape[1]``), with vLLM's Mamba-2 kernels (the
-    non-speculative path of ``MambaMixer2.conv_ssm_forward``) on views of the layer's
-    state: conv channels ``[B | C | x of those heads]`` and SSM states of those heads.
+    elastic layer's head order (``out.shape[1]``) on views of the layer's state: conv
+    channels ``[B | C | x of those heads]`` and SSM states of those heads. Prefill tokens
+    run vLLM's Mamba-2 kernels (the non-speculative path of
+    ``MambaMixer2.conv_ssm_forward``); decode tokens run our fused kernel
+    (``fused_decode``, ``kernels/mamba_decode.py``) or vLLM's.
 
-    ``xbc`` ``[tokens, 2*groups*N + heads*P]``; ``dt`` ``[tokens, heads]``; ``out``
-    ``[tokens, heads, P]`` is written; ``params`` hold ``conv_weight`` ``[channels, K]``,
-    ``conv_bias``, ``A``, ``D``, ``dt_bias`` (already cut to these channels and heads).
-    Head ``j`` reads B/C group ``j % groups``. ``token_heads``: per token, how many heads
-    its state update covers (None: all of ``out``'s); a decode token that needs fewer
-    updates only those (prefill tokens run at every head of ``out``). Returns False in a
-    profile run.
+    ``proj`` ``[tokens, >= 2*groups*N + heads*(2P+1)]``: in_proj rows
+    ``[B | C | (x_j, dt_j, z_j) per head]``; ``out`` ``[tokens, heads, P]`` is written;
+    ``params`` hold ``conv_weight`` ``[channels, K]``, ``conv_bias``, ``A``, ``D``,
+    ``dt_bias`` (already cut to these channels and heads). Head ``j`` reads B/C group
+    ``j % groups``. ``token_heads``: per token, how many heads its state update covers
+    (None: all of ``out``'s); a decode token that needs fewer updates only those (prefill
+    tokens run at every head of ``out``). Returns False in a profile run.
     """
     from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
-    from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
-        causal_conv1d_fn,
-        causal_conv1d_update,
-    )
-    from vllm.model_executor.layers.mamba.ops.ssd_combined import (
-        mamba_chunk_scan_combined_varlen,
-    )
-    from vllm.model_executor.layers.mamba.ops.ssu_dispatch import selective_state_update
 
     md = _metadata(mixer)
     if md is None:
         return False
-    heads, head_dim = out.shape[1], out.shape[2]
-    channels = xbc.shape[1]
-    bc = channels - heads * head_dim
+    heads = out.shape[1]
+    channels = params["conv_weight"].shape[0]
     conv_cache = (
         mixer.kv_cache[0] if is_conv_state_dim_first() else mixer.kv_cache[0].transpose(-1, -2)
     )
-    conv_state = conv_cache[:, :channels]
-    ssm_state = mixer.kv_cache[1][:, :heads]
-    weight, bias = params["conv_weight"], params["conv_bias"]
     nd, np_ = md.num_decode_tokens, md.num_prefill_tokens
-    xbc_d, xbc_p = torch.split(xbc[: nd + np_], [nd, np_])
-    dt_d, dt_p = torch.split(dt[: nd + np_], [nd, np_])
-    out_d, out_p = torch.split(out[: nd + np_], [nd, np_])
-
-    def split(y: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = y.shape[0]
-        b, c, x = torch.split(y, [bc // 2, bc // 2, heads * head_dim], dim=-1)
-        per_head = heads // groups  # head j = i * groups + g reads group g
-        b = b.reshape(t, groups, -1).repeat(1, per_head, 1)
-        c = c.reshape(t, groups, -1).repeat(1, per_head, 1)
-        return x.reshape(t, heads, head_dim), b, c
-
     if md.num_prefills > 0:
-        y = causal_conv1d_fn(
-            xbc_p.transpose(0, 1), weight, bias, activation=mixer.activation,
-            conv_states=conv_state, has_initial_state=md.has_initial_states_p,
-            cache_indices=md.state_indices_tensor_p, metadata=md,
-            query_start_loc=md.query_start_loc_p,
-        ).transpose(0, 1)[:np_]  # fmt: skip
-        x, b, c = split(y, heads)
-        initial = None
-        if md.has_initial_states_p is not None and md.prep_initial_states:
-            initial = torch.where(
-                md.has_initial_states_p[:, None, None, None],
-                ssm_state[md.state_indices_tensor_p],
-                0,
-            )
-        states = mamba_chunk_scan_combined_varlen(
-            x, dt_p, params["A"], b, c, chunk_size=md.chunk_size, D=params["D"], z=None,
-            dt_bias=params["dt_bias"], seq_idx=md.seq_idx_p, cu_seqlens=md.query_start_loc_p,
-            cu_chunk_seqlens=md.cu_chunk_seqlen_p, last_chunk_indices=md.last_chunk_indices_p,
-            initial_states=initial, return_intermediate_states=False, dt_softplus=True,
-            dt_limit=(0.0, float("inf")), out=out_p, state_dtype=ssm_state.dtype,
-        )  # fmt: skip
-        ssm_state[md.state_indices_tensor_p] = states
+        _prefill(mixer, md, proj[nd : nd + np_], out[nd : nd + np_], params, groups,
+                 conv_cache[:, :channels], mixer.kv_cache[1][:, :heads])  # fmt: skip
     if md.num_decodes > 0:
-        for rows, h in _decode_groups(md, token_heads, nd, heads):
-            ch = bc + h * head_dim
-            sel = functools.partial(_rows_of, rows=rows)
-            indices = sel(md.state_indices_tensor_d)
-            y = causal_conv1d_update(
-                sel(xbc_d)[:, :ch], conv_state[:, :ch], weight[:ch], bias[:ch],
-                mixer.activation, conv_state_indices=indices,
-                num_accepted_tokens=md.num_accepted_tokens, query_start_loc=md.query_start_loc_d,
-                max_query_len=indices.size(-1),
-            )  # fmt: skip
-            x, b, c = split(y, h)
-            n_state = b.shape[-1]
-            o = out_d if rows is None else out_d.new_empty(rows.numel(), h, head_dim)
-            selective_state_update(
-                ssm_state[:, :h], x, sel(dt_d)[:, :h, None].expand(-1, -1, head_dim),
-                params["A"][:h, None, None].expand(-1, head_dim, n_state).to(torch.float32),
-                b, c, params["D"][:h, None].expand(-1, head_dim),
-                params["dt_bias"][:h, None].expand(-1, head_dim), dt_softplus=True,
-                state_batch_indices=indices, dst_state_batch_indices=indices, out=o,
-                num_accepted_tokens=md.num_accepted_tokens, cu_seqlens=md.query_start_loc_d,
-            )  # fmt: skip
-            if rows is not None:
-                out_d[rows, :h] = o
+        speculative = md.query_start_loc_d is not None or md.num_accepted_tokens is not None
+        decode_heads = None if token_heads is None else token_heads[:nd]
+        if fused_decode and not speculative:
+            from vllm.v1.attention.backends.utils import NULL_BLOCK_ID
+
+            from vllm_elastic.kernels.mamba_decode import decode_step
+
+            decode_step(out[:nd], conv_cache, mixer.kv_cache[1], proj[:nd], params,
+                        md.state_indices_tensor_d, decode_heads, groups, NULL_BLOCK_ID)  # fmt: skip
+        else:
+            _decode(mixer, md, proj[:nd], out[:nd], params, groups, conv_cache,
+                    None if speculative else decode_heads)  # fmt: skip
     return True
+
+
+def _xbc_dt(
+    proj: torch.Tensor, heads: int, head_dim: int, bc: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv input ``[B | C | x of the heads]`` and ``dt`` ``[tokens, heads]`` of in_proj rows."""
+    t = proj.shape[0]
+    per_head = proj[:, bc : bc + heads * (2 * head_dim + 1)].view(t, heads, 2 * head_dim + 1)
+    xbc = torch.cat([proj[:, :bc], per_head[:, :, :head_dim].reshape(t, -1)], 1)
+    return xbc, per_head[:, :, head_dim].contiguous()
+
+
+def _split(
+    y: torch.Tensor, heads: int, head_dim: int, groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Conv output -> x ``[t, heads, P]`` and B, C repeated per head (head ``j = i*G + g``
+    reads group ``g``), as vLLM's kernels take them."""
+    t, bc = y.shape[0], y.shape[1] - heads * head_dim
+    b, c, x = torch.split(y, [bc // 2, bc // 2, heads * head_dim], dim=-1)
+    per_head = heads // groups
+    b = b.reshape(t, groups, -1).repeat(1, per_head, 1)
+    c = c.reshape(t, groups, -1).repeat(1, per_head, 1)
+    return x.reshape(t, heads, head_dim), b, c
+
+
+def _prefill(
+    mixer: Any, md: Any, proj: torch.Tensor, out: torch.Tensor,
+    params: dict[str, torch.Tensor], groups: int, conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+) -> None:  # fmt: skip
+    """Prefill tokens at every head of ``out``, with vLLM's conv and chunk-scan kernels."""
+    from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn
+    from vllm.model_executor.layers.mamba.ops.ssd_combined import (
+        mamba_chunk_scan_combined_varlen,
+    )
+
+    heads, head_dim = out.shape[1], out.shape[2]
+    bc = params["conv_weight"].shape[0] - heads * head_dim
+    xbc, dt = _xbc_dt(proj, heads, head_dim, bc)
+    y = causal_conv1d_fn(
+        xbc.transpose(0, 1), params["conv_weight"], params["conv_bias"],
+        activation=mixer.activation, conv_states=conv_state,
+        has_initial_state=md.has_initial_states_p, cache_indices=md.state_indices_tensor_p,
+        metadata=md, query_start_loc=md.query_start_loc_p,
+    ).transpose(0, 1)[: proj.shape[0]]  # fmt: skip
+    x, b, c = _split(y, heads, head_dim, groups)
+    initial = None
+    if md.has_initial_states_p is not None and md.prep_initial_states:
+        initial = torch.where(
+            md.has_initial_states_p[:, None, None, None],
+            ssm_state[md.state_indices_tensor_p],
+            0,
+        )
+    states = mamba_chunk_scan_combined_varlen(
+        x, dt, params["A"], b, c, chunk_size=md.chunk_size, D=params["D"], z=None,
+        dt_bias=params["dt_bias"], seq_idx=md.seq_idx_p, cu_seqlens=md.query_start_loc_p,
+        cu_chunk_seqlens=md.cu_chunk_seqlen_p, last_chunk_indices=md.last_chunk_indices_p,
+        initial_states=initial, return_intermediate_states=False, dt_softplus=True,
+        dt_limit=(0.0, float("inf")), out=out, state_dtype=ssm_state.dtype,
+    )  # fmt: skip
+    ssm_state[md.state_indices_tensor_p] = states
+
+
+def _decode(
+    mixer: Any, md: Any, proj: torch.Tensor, out: torch.Tensor,
+    params: dict[str, torch.Tensor], groups: int, conv_cache: torch.Tensor,
+    token_heads: torch.Tensor | None,
+) -> None:  # fmt: skip
+    """Decode tokens with vLLM's conv-update and state-update kernels, per group of
+    tokens that update the same heads."""
+    from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_update
+    from vllm.model_executor.layers.mamba.ops.ssu_dispatch import selective_state_update
+
+    heads, head_dim = out.shape[1], out.shape[2]
+    bc = params["conv_weight"].shape[0] - heads * head_dim
+    xbc, dt = _xbc_dt(proj, heads, head_dim, bc)
+    weight, bias = params["conv_weight"], params["conv_bias"]
+    for rows, h in _decode_groups(token_heads, heads):
+        ch = bc + h * head_dim
+        sel = functools.partial(_rows_of, rows=rows)
+        indices = sel(md.state_indices_tensor_d)
+        y = causal_conv1d_update(
+            sel(xbc)[:, :ch], conv_cache[:, :ch], weight[:ch], bias[:ch],
+            mixer.activation, conv_state_indices=indices,
+            num_accepted_tokens=md.num_accepted_tokens, query_start_loc=md.query_start_loc_d,
+            max_query_len=indices.size(-1),
+        )  # fmt: skip
+        x, b, c = _split(y, h, head_dim, groups)
+        n_state = b.shape[-1]
+        o = out if rows is None else out.new_empty(rows.numel(), h, head_dim)
+        selective_state_update(
+            mixer.kv_cache[1][:, :h], x, sel(dt)[:, :h, None].expand(-1, -1, head_dim),
+            params["A"][:h, None, None].expand(-1, head_dim, n_state).to(torch.float32),
+            b, c, params["D"][:h, None].expand(-1, head_dim),
+            params["dt_bias"][:h, None].expand(-1, head_dim), dt_softplus=True,
+            state_batch_indices=indices, dst_state_batch_indices=indices, out=o,
+            num_accepted_tokens=md.num_accepted_tokens, cu_seqlens=md.query_start_loc_d,
+        )  # fmt: skip
+        if rows is not None:
+            out[rows, :h] = o
 
 
 @graph_op("mamba_conv_ssm", mutates_args=("out",))
 def mamba_conv_ssm(
-    xbc: torch.Tensor, dt: torch.Tensor, out: torch.Tensor, conv_weight: torch.Tensor,
+    proj: torch.Tensor, out: torch.Tensor, conv_weight: torch.Tensor,
     conv_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
-    token_heads: torch.Tensor | None, layer_name: str, groups: int,
+    token_heads: torch.Tensor | None, layer_name: str, groups: int, fused_decode: bool,
 ) -> None:  # fmt: skip
     """``conv_ssm`` as a graph node, for the state mixer registered as ``layer_name``."""
     from vllm.forward_context import get_forward_context
@@ -197,23 +253,23 @@ def mamba_conv_ssm(
     mixer = get_forward_context().no_compile_layers[layer_name]
     params = {"conv_weight": conv_weight, "conv_bias": conv_bias, "A": A, "D": D,
               "dt_bias": dt_bias}  # fmt: skip
-    conv_ssm(mixer, xbc, dt, out, params, groups, token_heads)
+    conv_ssm(mixer, proj, out, params, groups, token_heads, fused_decode)
 
 
 @fake_of("mamba_conv_ssm")
-def _(xbc, dt, out, conv_weight, conv_bias, A, D, dt_bias, token_heads, layer_name,  # noqa: ANN001, N803
-      groups) -> None:  # noqa: ANN001  # fmt: skip
+def _(proj, out, conv_weight, conv_bias, A, D, dt_bias, token_heads, layer_name,  # noqa: ANN001, N803
+      groups, fused_decode) -> None:  # noqa: ANN001  # fmt: skip
     return None
 
 
 def conv_ssm_in_graph(
-    mixer: Any, xbc: torch.Tensor, dt: torch.Tensor, out: torch.Tensor,
-    params: dict[str, torch.Tensor], groups: int, token_heads: torch.Tensor | None,
+    mixer: Any, proj: torch.Tensor, out: torch.Tensor, params: dict[str, torch.Tensor],
+    groups: int, token_heads: torch.Tensor | None, fused_decode: bool,
 ) -> None:  # fmt: skip
     """``conv_ssm`` inside a compiled graph (``mamba_conv_ssm``)."""
     torch.ops.vllm_elastic.mamba_conv_ssm(
-        xbc, dt, out, params["conv_weight"], params["conv_bias"], params["A"], params["D"],
-        params["dt_bias"], token_heads, mixer.prefix, groups,
+        proj, out, params["conv_weight"], params["conv_bias"], params["A"], params["D"],
+        params["dt_bias"], token_heads, mixer.prefix, groups, fused_decode,
     )  # fmt: skip
 
 
@@ -222,19 +278,17 @@ def _rows_of(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 def _decode_groups(
-    md: Any, token_heads: torch.Tensor | None, nd: int, heads: int
+    token_heads: torch.Tensor | None, heads: int
 ) -> list[tuple[torch.Tensor | None, int]]:
     """Decode tokens grouped by the heads they update: ``[(None, heads)]`` (all of them
-    at every head) unless some need fewer and every decode request has one token (no
-    speculative decoding)."""
-    speculative = md.query_start_loc_d is not None or md.num_accepted_tokens is not None
-    if token_heads is None or speculative:
+    at every head) unless some need fewer (``token_heads``: None under speculative
+    decoding, where every token runs at every head)."""
+    if token_heads is None:
         return [(None, heads)]
-    decode = token_heads[:nd]
-    found = torch.unique(decode).tolist()
+    found = torch.unique(token_heads).tolist()
     if found == [heads]:
         return [(None, heads)]
-    return [(torch.nonzero(decode == h).flatten(), h) for h in found]
+    return [(torch.nonzero(token_heads == h).flatten(), h) for h in found]
 
 
 def hybrid_classmethods() -> dict[str, Any]:

@@ -29,6 +29,7 @@ KEY_RESOLVED = "_elastic"
 
 # -- engine options --------------------------------------------------------------------
 PACKINGS = ("auto", "nested", "blocked", "per-budget", "views")
+MAMBA_DECODES = ("auto", "kernel", "vllm")
 DEFAULT_MLP_WINDOW = 512
 ENGINE_KEYS: dict[str, str] = {
     KEY_BUDGET: "default budget of every request",
@@ -42,6 +43,8 @@ ENGINE_KEYS: dict[str, str] = {
     "weight_packing": f"CPU weight storage ({' | '.join(PACKINGS)})",
     "mlp_window": "rows per MLP pass in long prefills (int >= 1)",
     "full_state": "every token writes the recurrent state of every Mamba head (bool)",
+    "mamba_decode": "Mamba decode step on CPU: our fused kernel or vLLM's "
+    f"({' | '.join(MAMBA_DECODES)}; auto: the kernel where it runs)",
     "serve_budgets": "budgets this engine serves (list of names, default: all the "
     "checkpoint declares; must include the full one): fewer nested levels, fewer GEMMs",
     "mixed_graphs": "also compile a graph per mix of budgets at start-up (bool, default "
@@ -59,6 +62,7 @@ class EngineOptions:
     weight_packing: str = "auto"
     mlp_window: int = DEFAULT_MLP_WINDOW
     full_state: bool = False
+    mamba_decode: str = "auto"
     mixed_graphs: bool = False
     serve_budgets: tuple[str, ...] | None = None  # None: every budget of the checkpoint
     base_scheduler_cls: str | None = None
@@ -96,6 +100,12 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         raise ElasticConfigError(
             f"elastic.full_state: expected true or false, got {short(full_state)}"
         )
+    mamba_decode = section.get("mamba_decode", "auto")
+    if mamba_decode not in MAMBA_DECODES:
+        raise ElasticConfigError(
+            f"elastic.mamba_decode: expected one of {', '.join(MAMBA_DECODES)}, got "
+            f"{short(mamba_decode)}"
+        )
     mixed = section.get("mixed_graphs", False)
     if not isinstance(mixed, bool):
         raise ElasticConfigError(
@@ -125,6 +135,7 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         weight_packing=packing,
         mlp_window=window,
         full_state=full_state,
+        mamba_decode=mamba_decode,
         mixed_graphs=mixed,
         serve_budgets=None if served is None else tuple(served),
         base_scheduler_cls=base,

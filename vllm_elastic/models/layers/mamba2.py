@@ -18,10 +18,11 @@ so every budget's heads are a prefix; head ``j`` reads B/C group ``j % G``.
   (``y * silu(z)`` normalised over the ``h * head_dim`` channels of each group, as the
   sliced model does), then ``out_proj`` over the kept channels (a column prefix).
 
-The conv + scan is vLLM's (``compat/mamba.py``): prefill tokens run once per forward at
-the forward's widest state (tokens that need fewer heads give zeros to the rest, whose
-state nobody of theirs reads); decode tokens run per group of state heads, each at its
-own.
+The conv + scan (``compat/mamba.py``): prefill tokens run vLLM's kernels once per forward
+at the forward's widest state (tokens that need fewer heads give zeros to the rest, whose
+state nobody of theirs reads); decode tokens run our fused CPU kernel, each at its own
+state heads (``elastic.mamba_decode``; elsewhere vLLM's kernels, per group of state
+heads).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.platforms import current_platform
 
 from vllm_elastic.compat import mamba
 from vllm_elastic.compat.compile import is_compiling
+from vllm_elastic.kernels import mamba_decode
 from vllm_elastic.models import scratch
 from vllm_elastic.models.layers.common import pack_linears
 from vllm_elastic.models.nested_linear import NestedLinear
@@ -77,7 +80,14 @@ class ElasticMamba2(nn.Module):
         self.mixer = mamba.state_mixer(config, vllm_config, prefix)
         # every token writes every head's state (engine option): the reference of the
         # per-request state budgets
-        self.full_state = engine_options(vllm_config).full_state
+        options = engine_options(vllm_config)
+        self.full_state = options.full_state
+        # decode steps in our fused CPU kernel (else vLLM's kernels)
+        self.fused_decode = mamba_decode.resolve(
+            options.mamba_decode,
+            current_platform.is_cpu(),
+            (vllm_config.model_config.dtype, *mamba.state_dtypes(vllm_config)),
+        )
         self.full_index = spec.full.index
         self.hiddens = [b.hidden_size for b in spec.budgets]
         self.kept = [b.keeps_layer(layer) for b in spec.budgets]
@@ -200,10 +210,6 @@ class ElasticMamba2(nn.Module):
             proj = ordered
         else:
             proj = proj[0]
-        per_head = proj[:, self.bc : width].view(num_tokens, heads, self.stride)
-        xbc = torch.cat(
-            [proj[:, : self.bc], per_head[:, :, : self.head_dim].reshape(num_tokens, -1)], 1
-        )
         y = proj.new_empty(num_tokens, heads, self.head_dim)
         channels = self.bc + heads * self.head_dim
         params = {
@@ -213,15 +219,13 @@ class ElasticMamba2(nn.Module):
             "D": self.D[:heads],
             "dt_bias": self.dt_bias[:heads],
         }
-        dt = per_head[:, :, self.head_dim].contiguous()
         token_heads = self._token_heads(segments, states, proj)
-        if is_compiling():
-            mamba.conv_ssm_in_graph(self.mixer, xbc, dt, y, params, self.groups, token_heads)
-        else:
-            mamba.conv_ssm(self.mixer, xbc, dt, y, params, self.groups, token_heads)
+        run = mamba.conv_ssm_in_graph if is_compiling() else mamba.conv_ssm
+        run(self.mixer, proj, y, params, self.groups, token_heads, self.fused_decode)
         kept = [s for s in segments if self.kept[s.budget]]
         if not kept:
             return [None] * len(segments)
+        per_head = proj[:, self.bc :].view(num_tokens, heads, self.stride)
         z = per_head[:, :, self.head_dim + 1 :]
         gated = [self._gated_norm(take(y, s.idx), take(z, s.idx), s.budget) for s in kept]
         out = self.out_proj(stack(gated), runs(kept))
