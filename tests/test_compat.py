@@ -215,6 +215,12 @@ def test_mamba_kernels_metadata_and_mixer():
             assert name in params, (fn.__name__, name)
         for name in extras:
             assert name in params or "kwargs" in params, (fn.__name__, name)
+    # the CPU prefill scan calls the op under vLLM's CPU chunk scan, with its own buffer
+    import vllm._custom_ops as ops
+    from vllm.model_executor.layers.mamba.ops.cpu import mamba_ssm
+
+    assert "ops.mamba_chunk_scan_fwd_cpu(" in inspect.getsource(mamba_ssm)
+    assert callable(ops.mamba_chunk_scan_fwd_cpu)
     src = inspect.getsource(mamba_mixer2.MambaMixer2.__init__)
     for attr in ("self.in_proj", "self.out_proj", "self.norm", "self.conv1d", "self.A",
                  "self.D", "self.dt_bias", "self.activation", "self.prefix"):  # fmt: skip

@@ -23,8 +23,10 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from vllm_elastic.kernels.graph_ops import fake_of, graph_op
+from vllm_elastic.models import scratch
 
 
 def _mixer_cls() -> type:
@@ -147,7 +149,9 @@ def _xbc_dt(
     """Conv input ``[B | C | x of the heads]`` and ``dt`` ``[tokens, heads]`` of in_proj rows."""
     t = proj.shape[0]
     per_head = proj[:, bc : bc + heads * (2 * head_dim + 1)].view(t, heads, 2 * head_dim + 1)
-    xbc = torch.cat([proj[:, :bc], per_head[:, :, :head_dim].reshape(t, -1)], 1)
+    xbc = scratch.buffer("mamba.xbc", t, bc + heads * head_dim, proj, overwritten=True)
+    xbc[:, :bc] = proj[:, :bc]
+    xbc[:, bc:].view(t, heads, head_dim).copy_(per_head[:, :, :head_dim])
     return xbc, per_head[:, :, head_dim].contiguous()
 
 
@@ -155,13 +159,58 @@ def _split(
     y: torch.Tensor, heads: int, head_dim: int, groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Conv output -> x ``[t, heads, P]`` and B, C repeated per head (head ``j = i*G + g``
-    reads group ``g``), as vLLM's kernels take them."""
+    reads group ``g``), as vLLM's kernels take them (in reused buffers on CPU)."""
     t, bc = y.shape[0], y.shape[1] - heads * head_dim
     b, c, x = torch.split(y, [bc // 2, bc // 2, heads * head_dim], dim=-1)
-    per_head = heads // groups
-    b = b.reshape(t, groups, -1).repeat(1, per_head, 1)
-    c = c.reshape(t, groups, -1).repeat(1, per_head, 1)
-    return x.reshape(t, heads, head_dim), b, c
+    n = bc // 2 // groups
+
+    def per_head(g: torch.Tensor, name: str) -> torch.Tensor:
+        out = scratch.buffer(name, t, heads * n, g, overwritten=True)
+        out.view(t, heads // groups, groups, n).copy_(g.view(t, 1, groups, n).expand(
+            t, heads // groups, groups, n))  # fmt: skip
+        return out.view(t, heads, n)
+
+    xs = scratch.buffer("mamba.x", t, heads * head_dim, x, overwritten=True)
+    xs.copy_(x)  # contiguous for the kernels, in a reused buffer
+    return xs.view(t, heads, head_dim), per_head(b, "mamba.B"), per_head(c, "mamba.C")
+
+
+def _chunk_scan(
+    x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, out: torch.Tensor,
+    params: dict[str, torch.Tensor], md: Any, initial: torch.Tensor | None,
+    state_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """Prefill scan: the final state of each sequence. vLLM's ``mamba_chunk_scan_combined_varlen``;
+    on CPU its body (``_mamba_chunk_scan_combined_fwd_cpu``) with the state buffer reused
+    across layers (a fresh one page-faults on every layer of a long prefill)."""
+    if x.device.type != "cpu":
+        from vllm.model_executor.layers.mamba.ops.ssd_combined import (
+            mamba_chunk_scan_combined_varlen,
+        )
+
+        return mamba_chunk_scan_combined_varlen(
+            x, dt, params["A"], b, c, chunk_size=md.chunk_size, D=params["D"], z=None,
+            dt_bias=params["dt_bias"], seq_idx=md.seq_idx_p, cu_seqlens=md.query_start_loc_p,
+            cu_chunk_seqlens=md.cu_chunk_seqlen_p, last_chunk_indices=md.last_chunk_indices_p,
+            initial_states=initial, return_intermediate_states=False, dt_softplus=True,
+            dt_limit=(0.0, float("inf")), out=out, state_dtype=state_dtype,
+        )  # fmt: skip
+    import vllm._custom_ops as ops
+
+    cu = md.query_start_loc_p
+    batch, (_, heads, head_dim), n = cu.numel() - 1, x.shape, b.shape[-1]
+    dt = F.softplus(dt.float() + params["dt_bias"].float())
+    states = scratch.buffer("mamba.states", batch, heads * head_dim * n, dt, overwritten=True)
+    states = states.view(batch, heads, head_dim, n)
+    if initial is None:
+        states.zero_()
+    else:
+        states.copy_(initial)
+    ops.mamba_chunk_scan_fwd_cpu(
+        out, states, x, dt, params["A"], b, c, params["D"].float().contiguous(), None,
+        cu.to(torch.int32),
+    )  # fmt: skip
+    return states.to(state_dtype)
 
 
 def _prefill(
@@ -171,9 +220,6 @@ def _prefill(
 ) -> None:  # fmt: skip
     """Prefill tokens at every head of ``out``, with vLLM's conv and chunk-scan kernels."""
     from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn
-    from vllm.model_executor.layers.mamba.ops.ssd_combined import (
-        mamba_chunk_scan_combined_varlen,
-    )
 
     heads, head_dim = out.shape[1], out.shape[2]
     bc = params["conv_weight"].shape[0] - heads * head_dim
@@ -192,13 +238,7 @@ def _prefill(
             ssm_state[md.state_indices_tensor_p],
             0,
         )
-    states = mamba_chunk_scan_combined_varlen(
-        x, dt, params["A"], b, c, chunk_size=md.chunk_size, D=params["D"], z=None,
-        dt_bias=params["dt_bias"], seq_idx=md.seq_idx_p, cu_seqlens=md.query_start_loc_p,
-        cu_chunk_seqlens=md.cu_chunk_seqlen_p, last_chunk_indices=md.last_chunk_indices_p,
-        initial_states=initial, return_intermediate_states=False, dt_softplus=True,
-        dt_limit=(0.0, float("inf")), out=out, state_dtype=ssm_state.dtype,
-    )  # fmt: skip
+    states = _chunk_scan(x, dt, b, c, out, params, md, initial, ssm_state.dtype)
     ssm_state[md.state_indices_tensor_p] = states
 
 

@@ -210,7 +210,8 @@ class ElasticMamba2(nn.Module):
             proj = ordered
         else:
             proj = proj[0]
-        y = proj.new_empty(num_tokens, heads, self.head_dim)
+        y = scratch.buffer("mamba.y", num_tokens, heads * self.head_dim, proj, overwritten=True)
+        y = y.view(num_tokens, heads, self.head_dim)
         channels = self.bc + heads * self.head_dim
         params = {
             "conv_weight": self.conv_weight[:channels],
