@@ -82,6 +82,25 @@ def _metadata(mixer: Any) -> Any:
     return meta.get(mixer.prefix) if isinstance(meta, dict) else None
 
 
+def has_prefill(mixer: Any) -> bool:
+    """Whether this forward runs prefill tokens through ``mixer``'s layer (True in a
+    profile run: no metadata)."""
+    md = _metadata(mixer)
+    return md is None or md.num_prefills > 0
+
+
+def plain_decode_only(mixer: Any) -> bool:
+    """Whether this forward runs only decode tokens through ``mixer``'s layer, one per
+    request (no speculative decoding)."""
+    md = _metadata(mixer)
+    return (
+        md is not None
+        and md.num_prefills == 0
+        and md.query_start_loc_d is None
+        and md.num_accepted_tokens is None
+    )
+
+
 def state_dtypes(vllm_config: Any) -> tuple[Any, ...]:
     """Dtypes of a NemotronH layer's Mamba state (conv, SSM) in this engine."""
     from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
@@ -97,6 +116,7 @@ def conv_ssm(
     groups: int,
     token_heads: torch.Tensor | None = None,
     fused_decode: bool = False,
+    decode_rows: torch.Tensor | None = None,
 ) -> bool:
     """Conv + SSM over every token of the forward for the first ``heads`` heads of the
     elastic layer's head order (``out.shape[1]``) on views of the layer's state: conv
@@ -111,7 +131,9 @@ def conv_ssm(
     ``dt_bias`` (already cut to these channels and heads). Head ``j`` reads B/C group
     ``j % groups``. ``token_heads``: per token, how many heads its state update covers
     (None: all of ``out``'s); a decode token that needs fewer updates only those (prefill
-    tokens run at every head of ``out``). Returns False in a profile run.
+    tokens run at every head of ``out``). ``decode_rows`` (decode-only forwards, our
+    kernel): ``proj`` and ``out`` hold the tokens in another order, row ``r`` being the
+    forward's token ``decode_rows[r]``. Returns False in a profile run.
     """
     from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 
@@ -135,9 +157,14 @@ def conv_ssm(
 
             from vllm_elastic.kernels.mamba_decode import decode_step
 
+            state_idx = md.state_indices_tensor_d
+            if decode_rows is not None:
+                state_idx = state_idx.index_select(0, decode_rows)
             decode_step(out[:nd], conv_cache, mixer.kv_cache[1], proj[:nd], params,
-                        md.state_indices_tensor_d, decode_heads, groups, NULL_BLOCK_ID)  # fmt: skip
+                        state_idx, decode_heads, groups, NULL_BLOCK_ID)  # fmt: skip
         else:
+            if decode_rows is not None:
+                raise ValueError("conv_ssm: decode_rows needs the fused decode kernel")
             _decode(mixer, md, proj[:nd], out[:nd], params, groups, conv_cache,
                     None if speculative else decode_heads)  # fmt: skip
     return True

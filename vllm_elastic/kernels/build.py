@@ -8,7 +8,9 @@ load it. They need an x86-64 CPU with AVX2 and FMA, and run fp32.
 * ``nested_gemm.cpp``: one GEMM over any nested prefix of one weight copy (``blocked``
   weight packing, ``kernels/nested_gemm.py``);
 * ``mamba_decode.cpp``: an elastic Mamba-2 layer's decode step (conv + state update) in
-  the elastic head order (``compat/mamba.py``).
+  the elastic head order (``compat/mamba.py``);
+* ``mamba_norm.cpp``: its gated RMSNorm for the rows of every budget of a batch in one
+  pass (``kernels/mamba_norm.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from vllm_elastic.log import get_logger
 
 logger = get_logger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("nested_gemm.cpp", "mamba_decode.cpp")]
+SOURCES = [
+    Path(__file__).with_name(n) for n in ("nested_gemm.cpp", "mamba_decode.cpp", "mamba_norm.cpp")
+]
 EXTENSION = "vllm_elastic_kernels"
 
 _loaded = False

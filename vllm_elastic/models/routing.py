@@ -43,6 +43,35 @@ def stack(xs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+# the last stacked_index: (the segments' token indices, the result)
+_STACKED: list[tuple[tuple[Index, ...], torch.Tensor] | None] = [None]
+
+
+def stacked_index(segments: list[Segment], num_tokens: int) -> torch.Tensor | None:
+    """The forward token of each row of the segments' rows stacked in order (int64);
+    None when that is every token in order. Kept until asked for other segments, so the
+    layers of one forward build it once."""
+    idxs = tuple(s.idx for s in segments)
+    if len(idxs) == 1 and isinstance(idxs[0], slice):
+        start, stop, _ = idxs[0].indices(num_tokens)
+        if start == 0 and stop == num_tokens:
+            return None
+    last = _STACKED[0]
+    if last is not None and len(last[0]) == len(idxs):
+        if all(a is b or (isinstance(a, slice) and a == b) for a, b in zip(last[0], idxs)):
+            return last[1]
+    parts = []
+    for idx in idxs:
+        if isinstance(idx, slice):
+            start, stop, _ = idx.indices(num_tokens)
+            parts.append(torch.arange(start, stop))
+        else:
+            parts.append(idx.to("cpu", torch.int64))
+    out = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+    _STACKED[0] = (idxs, out)
+    return out
+
+
 def widen(q: torch.Tensor, width: int, name: str = "attn.q") -> torch.Tensor:
     """``q`` in the first columns of a ``width``-wide scratch buffer; the other columns
     hold finite leftovers that nothing reads."""

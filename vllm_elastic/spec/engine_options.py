@@ -43,8 +43,9 @@ ENGINE_KEYS: dict[str, str] = {
     "weight_packing": f"CPU weight storage ({' | '.join(PACKINGS)})",
     "mlp_window": "rows per MLP pass in long prefills (int >= 1)",
     "full_state": "every token writes the recurrent state of every Mamba head (bool)",
-    "mamba_decode": "Mamba decode step on CPU: our fused kernel or vLLM's "
-    f"({' | '.join(MAMBA_DECODES)}; auto: the kernel where it runs)",
+    "mamba_decode": "Mamba decode step on CPU: our fused kernels (decode step, and the "
+    "gated norm outside compiled graphs) or vLLM's decode kernels "
+    f"({' | '.join(MAMBA_DECODES)}; auto: ours where they run)",
     "serve_budgets": "budgets this engine serves (list of names, default: all the "
     "checkpoint declares; must include the full one): fewer nested levels, fewer GEMMs",
     "mixed_graphs": "also compile a graph per mix of budgets at start-up (bool, default "

@@ -3,11 +3,11 @@
 One copy of the parent's q/k/v/o weights. Every token writes K/V for every KV head, at
 every budget and also in a layer its budget skips (K/V computed from the residual stream
 it passes through), so a larger budget can attend to them after an in-flight switch.
-A budget keeps its KV groups' query heads; a mixed batch attends at the parent's head
-count and discards the heads a budget drops (kept groups' extra heads are zeroed after
-attention); a batch of one budget on vLLM's CPU backend attends over its own heads only
-(``compat/cpu_attention.py``). Either way a budget's kept heads see exactly the sliced
-model's attention.
+A budget keeps its KV groups' query heads. On vLLM's CPU backend a batch attends over
+the KV groups of its widest budget that keeps the layer (``compat/cpu_attention.py``): a
+batch of one budget over its own heads only; elsewhere at the parent's head count. A
+mixed batch discards the heads a budget drops (kept groups' extra heads are zeroed after
+attention). Either way a budget's kept heads see exactly the sliced model's attention.
 
 Weight layout per tensor-parallel rank (``spec/layout.py``): ``qkv`` rows are
 ``[k | v | q]``, q grouped by local KV head, so every budget's rows are a prefix.
@@ -167,15 +167,12 @@ class ElasticAttention(nn.Module):
         output per segment that keeps the layer, None for one that skips it."""
         qs, ks = self.q_size, self.kv_size
         qkv = self.qkv(stack(xs), runs(segments))
-        cut = self.cuts[segments[0].budget]
-        # one budget that reads fewer KV heads than it writes (in a graph: decided by
-        # the custom op at run time)
-        own = (
-            len(segments) == 1
-            and cut.kept
-            and cut.kv_groups < self.n_kv
-            and (is_compiling() or cpu_attention.supported(self.attn))
-        )
+        # the KV groups the batch reads: a budget's own, or in a mixed batch the widest
+        # kept one's; fewer than it writes -> attend over those only (in a graph: decided
+        # by the custom op at run time)
+        read = [self.cuts[s.budget].kv_groups for s in segments if self.cuts[s.budget].kept]
+        groups = max(read, default=self.n_kv)
+        own = groups < self.n_kv and (is_compiling() or cpu_attention.supported(self.attn))
         if len(segments) == 1:
             k, v, q = qkv[:, :ks], qkv[:, ks : 2 * ks], qkv[:, 2 * ks :]
             if q.shape[1] != qs and not own:  # a skipped layer has no q columns at all
@@ -199,10 +196,10 @@ class ElasticAttention(nn.Module):
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
         out = None
-        if own and is_compiling():
-            out = cpu_attention.attend_in_graph(self.attn, q, k, v, cut.kv_groups)
-        elif own:
-            out = cpu_attention.attend(self.attn, q, k, v, cut.kv_groups)
+        if own:
+            q_read = q[:, : groups * self.group * self.head_dim]
+            attend = cpu_attention.attend_in_graph if is_compiling() else cpu_attention.attend
+            out = attend(self.attn, q_read, k, v, groups)
         if out is None:
             out = self.attn(widen(q, qs) if q.shape[1] != qs else q, k, v)
         kept = [s for s in segments if self.cuts[s.budget].kept]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,11 +37,11 @@ from vllm.platforms import current_platform
 
 from vllm_elastic.compat import mamba
 from vllm_elastic.compat.compile import is_compiling
-from vllm_elastic.kernels import mamba_decode
+from vllm_elastic.kernels import mamba_decode, mamba_norm
 from vllm_elastic.models import scratch
 from vllm_elastic.models.layers.common import pack_linears
 from vllm_elastic.models.nested_linear import NestedLinear
-from vllm_elastic.models.routing import Segment, put, runs, stack, take
+from vllm_elastic.models.routing import Segment, put, runs, stack, stacked_index, take
 from vllm_elastic.spec.budgets import ElasticSpec
 from vllm_elastic.spec.engine_options import engine_options
 from vllm_elastic.spec.state import covering_table
@@ -198,18 +199,17 @@ class ElasticMamba2(nn.Module):
         the layer); returns out_proj's output per kept segment, None for a skipped one."""
         states = [self.state_budget(s.budget, s.states) for s in segments]
         heads = max(self.budget_heads[b] for b in states)
-        width = self.rows(heads)
-        proj = self._project(xs, segments, states)
-        if len(segments) > 1 or proj[0].shape[1] != width:  # forward token order, one width
-            # a reused buffer: a fresh one this size (a mixed prefill's) page-faults
-            ordered = scratch.buffer("mamba.in_proj", num_tokens, width, proj[0])
-            if any(part.shape[1] < width for part in proj):
-                ordered.zero_()  # tokens of fewer state heads feed zeros to the others
-            for seg, part in zip(segments, proj):
-                put(ordered[:, : part.shape[1]], seg.idx, part)
-            proj = ordered
-        else:
-            proj = proj[0]
+        parts, joint = self._project(xs, segments, states)
+        # a mixed decode step on our kernel runs its tokens in segment order (each reads
+        # and writes only its own state slot): no gather into forward order and back
+        stacked = (
+            joint is not None
+            and len(segments) > 1
+            and self.fused_decode
+            and not is_compiling()
+            and mamba.plain_decode_only(self.mixer)
+        )
+        proj = joint if stacked else self._forward_order(parts, segments, heads, num_tokens)
         y = scratch.buffer("mamba.y", num_tokens, heads * self.head_dim, proj, overwritten=True)
         y = y.view(num_tokens, heads, self.head_dim)
         channels = self.bc + heads * self.head_dim
@@ -220,45 +220,73 @@ class ElasticMamba2(nn.Module):
             "D": self.D[:heads],
             "dt_bias": self.dt_bias[:heads],
         }
-        token_heads = self._token_heads(segments, states, proj)
-        run = mamba.conv_ssm_in_graph if is_compiling() else mamba.conv_ssm
-        run(self.mixer, proj, y, params, self.groups, token_heads, self.fused_decode)
+        token_heads = self._token_heads(segments, states, proj, stacked)
+        if is_compiling():
+            mamba.conv_ssm_in_graph(
+                self.mixer, proj, y, params, self.groups, token_heads, self.fused_decode
+            )
+        else:
+            order = stacked_index(segments, num_tokens) if stacked else None
+            mamba.conv_ssm(self.mixer, proj, y, params, self.groups, token_heads,
+                           self.fused_decode, order)  # fmt: skip
         kept = [s for s in segments if self.kept[s.budget]]
         if not kept:
             return [None] * len(segments)
-        per_head = proj[:, self.bc :].view(num_tokens, heads, self.stride)
-        z = per_head[:, :, self.head_dim + 1 :]
-        gated = [self._gated_norm(take(y, s.idx), take(z, s.idx), s.budget) for s in kept]
-        out = self.out_proj(stack(gated), runs(kept))
+        gated = self._gated(y, proj, segments, kept, num_tokens, stacked)
+        out = self.out_proj(gated, runs(kept))
         parts = iter(out.split([s.rows for s in kept]))
         return [
             next(parts)[:, : self.hiddens[s.budget]] if self.kept[s.budget] else None
             for s in segments
         ]
 
+    def _forward_order(
+        self, parts: list[torch.Tensor], segments: list[Segment], heads: int, num_tokens: int
+    ) -> torch.Tensor:
+        """The segments' in_proj rows in forward token order, ``heads`` heads wide."""
+        width = self.rows(heads)
+        if len(segments) == 1 and parts[0].shape[1] == width:
+            return parts[0]
+        # a reused buffer: a fresh one this size (a mixed prefill's) page-faults
+        ordered = scratch.buffer("mamba.in_proj", num_tokens, width, parts[0])
+        narrow = any(part.shape[1] < width for part in parts)
+        if narrow and (is_compiling() or mamba.has_prefill(self.mixer)):
+            # prefill tokens of fewer state heads feed zeros to the others (decode tokens
+            # read their own heads only)
+            ordered.zero_()
+        for seg, part in zip(segments, parts):
+            put(ordered[:, : part.shape[1]], seg.idx, part)
+        return ordered
+
     def _token_heads(
-        self, segments: list[Segment], states: list[int], like: torch.Tensor
+        self, segments: list[Segment], states: list[int], like: torch.Tensor, stacked: bool
     ) -> torch.Tensor | None:
         """Heads each token's state update covers (its state budget's), in forward token
-        order; None when every token's are the same."""
+        order (``stacked``: in segment order); None when every token's are the same."""
         heads = [self.budget_heads[b] for b in states]
         if len(set(heads)) < 2:
             return None
         out = torch.empty(like.shape[0], dtype=torch.int32, device=like.device)
+        start = 0
         for seg, h in zip(segments, heads):
-            put(out, seg.idx, h)
+            put(out, slice(start, start + seg.rows) if stacked else seg.idx, h)
+            start += seg.rows
         return out
 
     def _project(
         self, xs: list[torch.Tensor], segments: list[Segment], states: list[int]
-    ) -> list[torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Each segment's in_proj rows of its state budget's heads at its own width: one
         nested call for the segments whose state is their own budget's, ``narrow`` calls
-        for the others (a reuse request's thinking writes its answer budget's heads)."""
+        for the others (a reuse request's thinking writes its answer budget's heads).
+        Also that one call's output (every segment's rows stacked in order) when it
+        serves every segment, else None."""
         own = [i for i, (seg, b) in enumerate(zip(segments, states)) if seg.budget == b]
         parts: list[torch.Tensor | None] = [None] * len(segments)
+        joint = None
         if own:
             y = self.in_proj(stack([xs[i] for i in own]), runs([segments[i] for i in own]))
+            joint = y if len(own) == len(segments) else None
             start = 0
             for i in own:
                 n = self.rows(self.budget_heads[segments[i].budget])
@@ -267,7 +295,36 @@ class ElasticMamba2(nn.Module):
         for i, (seg, b) in enumerate(zip(segments, states)):
             if parts[i] is None:
                 parts[i] = self.in_proj.narrow(xs[i], b, seg.budget)
-        return parts
+        return parts, joint
+
+    def _gated(
+        self, y: torch.Tensor, proj: torch.Tensor, segments: list[Segment],
+        kept: list[Segment], num_tokens: int, stacked: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """The kept segments' gated norms, their rows stacked in segment order (``y`` and
+        ``proj`` hold the forward's tokens in forward order, or ``stacked`` in segment
+        order): one kernel call for all of them with our CPU kernels (outside a compiled
+        graph, which fuses the torch ops itself), else per segment."""
+        if self.fused_decode and not is_compiling():
+            if not stacked:
+                rows = stacked_index(kept, num_tokens)
+            elif len(kept) == len(segments):
+                rows = None
+            else:  # the kept segments' rows of the stacked order
+                starts = np.cumsum([0] + [s.rows for s in segments])
+                mine = [i for i, s in enumerate(segments) if self.kept[s.budget]]
+                rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine])
+            heads = [self.budget_heads[s.budget] for s in kept]
+            total = sum(s.rows for s in kept)
+            out = scratch.buffer("mamba.gated", total, max(heads) * self.head_dim, y,
+                                 overwritten=True)  # fmt: skip
+            return mamba_norm.gated_norm(
+                out, y, proj, self.norm_weight, rows, [s.rows for s in kept], heads,
+                self.bc, self.groups, self.eps,
+            )  # fmt: skip
+        per_head = proj[:, self.bc :].view(num_tokens, y.shape[1], self.stride)
+        z = per_head[:, :, self.head_dim + 1 :]
+        return stack([self._gated_norm(take(y, s.idx), take(z, s.idx), s.budget) for s in kept])
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor, budget: int) -> torch.Tensor:
         """``norm(y * silu(z))`` per group over the budget's heads (rank-major: head
