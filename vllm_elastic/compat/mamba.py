@@ -89,13 +89,14 @@ def has_prefill(mixer: Any) -> bool:
     return md is None or md.num_prefills > 0
 
 
-def plain_decode_only(mixer: Any) -> bool:
-    """Whether this forward runs only decode tokens through ``mixer``'s layer, one per
-    request (no speculative decoding)."""
+def plain_decode_only(mixer: Any, num_tokens: int) -> bool:
+    """Whether this forward's ``num_tokens`` tokens are all decode tokens of ``mixer``'s
+    layer, one per request (no padding, no speculative decoding)."""
     md = _metadata(mixer)
     return (
         md is not None
         and md.num_prefills == 0
+        and md.num_decode_tokens == num_tokens
         and md.query_start_loc_d is None
         and md.num_accepted_tokens is None
     )

@@ -207,7 +207,7 @@ class ElasticMamba2(nn.Module):
             and len(segments) > 1
             and self.fused_decode
             and not is_compiling()
-            and mamba.plain_decode_only(self.mixer)
+            and mamba.plain_decode_only(self.mixer, num_tokens)
         )
         proj = joint if stacked else self._forward_order(parts, segments, heads, num_tokens)
         y = scratch.buffer("mamba.y", num_tokens, heads * self.head_dim, proj, overwritten=True)
