@@ -1,5 +1,5 @@
-// The gated RMSNorm of an elastic Mamba-2 layer (fp32, x86-64 AVX2 + FMA), for the rows of several budgets
-// at once, read straight from the layer's scan output and in_proj output:
+// The gated RMSNorm of an elastic Mamba-2 layer (fp32, x86-64 AVX2 + FMA), for the rows of
+// several budgets at once, read straight from the layer's scan output and in_proj output:
 //
 //   proj[t] = [B | C | (x_j (P), dt_j, z_j (P)) for each head j],  y[t] = [H, P]
 //   a row of n heads (rank-major: head j = i*G + g is in group g):
