@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/vllm-elastic demo
 
 test: setup
-	.venv/bin/python -m pytest -q --durations=15 tests
+	.venv/bin/python -m pytest -q -rs --durations=15 tests
 
 lint: setup
 	.venv/bin/ruff check vllm_elastic tests benchmarks examples scripts

@@ -51,7 +51,9 @@ def cases(think_prompts) -> list[tuple[list[int], int]]:
 @pytest.fixture(scope="module")
 def hand_reference(sliced, think_prompts, markers, engines: EnginePool):
     """Built by hand from stock vLLM: the sliced small checkpoint thinks (capped by
-    thinking_token_budget), then the sliced large checkpoint continues from prompt + trace."""
+    thinking_token_budget), then the sliced large checkpoint continues from prompt + trace.
+    Also the large checkpoint's own 24 tokens per prompt under the same thinking cap (the
+    expectation for a request that runs at the answer budget throughout)."""
     todo = cases(think_prompts)
     small = engines.get(("stock-think", THINK), sliced(NAME, THINK), **REASONING)
     traces = run(small, [p for p, _ in todo], [None] * len(todo), [t for _, t in todo], 64)
@@ -66,8 +68,9 @@ def hand_reference(sliced, think_prompts, markers, engines: EnginePool):
         [None] * len(todo),
         ANSWER_TOKENS,
     )
+    fulls = run(large, [p for p, _ in todo], [None] * len(todo), [t for _, t in todo], 24)
     engines.close()
-    return traces, conts
+    return traces, conts, fulls
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ POLICY = {"elastic_think_budget": THINK, "elastic_answer_budget": ANSWER}
 def test_recompute_equals_small_trace_then_large_continuation(
     hand_reference, switch_llm, think_prompts
 ):
-    traces, conts = hand_reference
+    traces, conts, _ = hand_reference
     todo = cases(think_prompts)
     extra = [{**POLICY, "elastic_kv_mode": "recompute"}] * len(todo)
     got = run(switch_llm(), [p for p, _ in todo], extra, [t for _, t in todo], 64)
@@ -98,7 +101,7 @@ def test_compiled_engine_switches_exactly(hand_reference, switch_llm, think_prom
     """With vLLM's default compilation (per-budget graphs; a row whose tokens straddle
     the switch runs the routed eager path): recompute equals the hand reference and
     reuse thinks exactly as the small model, alone and batched together."""
-    traces, conts = hand_reference
+    traces, conts, _ = hand_reference
     todo = cases(think_prompts)
     llm = switch_llm(enforce_eager=False)
     before = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
@@ -114,13 +117,12 @@ def test_compiled_engine_switches_exactly(hand_reference, switch_llm, think_prom
     assert after > before, "no step of the batch ran a per-budget graph"
 
 
-def test_switch_position_and_mixed_policies_in_one_batch(
-    hand_reference, switch_llm, think_prompts, monkeypatch
-):
+def test_switch_position_and_mixed_policies_in_one_batch(hand_reference, switch_llm, think_prompts):
     """Reuse and recompute rows, single-budget rows, all interleaved: each row's thinking
-    trace equals the small model's, and recompute rows equal the hand reference; every
-    reuse row is identical to the same request run alone."""
-    traces, conts = hand_reference
+    trace equals the small model's, recompute rows equal the hand reference and
+    single-budget rows the large checkpoint's own output; every reuse row is identical to
+    the same request run alone."""
+    traces, conts, fulls = hand_reference
     todo = cases(think_prompts)
     llm = switch_llm()
     alone = [run(llm, [p], [{**POLICY, "elastic_kv_mode": "reuse"}], [t], 24)[0] for p, t in todo]
@@ -144,6 +146,8 @@ def test_switch_position_and_mixed_policies_in_one_batch(
         elif kind == "recompute":
             want = tr + conts[i]
             assert g[: len(want)] == want, f"recompute {i} in a mixed batch"
+        else:
+            assert g == fulls[i], f"full {i}: differs from the sliced checkpoint's output"
 
 
 def test_answer_budget_starts_at_the_marker(switch_llm, think_prompts, monkeypatch):
@@ -202,9 +206,11 @@ def test_reuse_resent_transcript_is_computed_as_when_it_was_generated(
         assert again == first[cut:], f"prompt {i}: the resent transcript continued differently"
 
 
-def test_preemption_and_resume_keep_outputs(switch_llm, think_prompts):
+def test_preemption_and_resume_keep_outputs(hand_reference, switch_llm, think_prompts):
     """A KV cache too small for the batch forces preemptions; resumed rows re-prefill
-    their context at the right budgets, so outputs equal the unpreempted run."""
+    their context at the right budgets, so outputs equal the unpreempted run, and
+    recompute rows the hand reference."""
+    traces, conts, _ = hand_reference
     todo = cases(think_prompts) * 3
     extra = [
         {**POLICY, "elastic_kv_mode": "recompute" if i % 2 else "reuse"} for i in range(len(todo))
@@ -218,6 +224,10 @@ def test_preemption_and_resume_keep_outputs(switch_llm, think_prompts):
     assert count["n"] >= 3, f"the small KV cache forced {count} preemptions"
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"request {i} ({extra[i]['elastic_kv_mode']}) changed after preemption"
+        if extra[i]["elastic_kv_mode"] == "recompute":
+            k = i % len(think_prompts)
+            want_hand = traces[k] + conts[k]
+            assert g[: len(want_hand)] == want_hand, f"request {i}: recompute after preemption"
 
 
 def test_prefix_caching_with_switching_schedules(switch_llm, think_prompts):
@@ -269,7 +279,7 @@ assert ENGINE_KWARGS["max_num_batched_tokens"] < 97  # chunked prefill is exerci
 
 
 def test_rows_refilled_after_a_recompute_keep_their_own_thinking_state(
-    switch_llm, prompts, markers
+    switch_llm, prompts, markers, reference
 ):
     """Regression (vLLM 0.32 ThinkingBudgetStateHolder, fixed in vllm_fixes.py): when a
     recompute request's slot is refilled by condense(), the row moved there must not
@@ -288,6 +298,7 @@ def test_rows_refilled_after_a_recompute_keep_their_own_thinking_state(
     together = run(llm, batch, extra, thinks, 8)[3]
     assert markers[1] not in together
     assert together == alone
+    assert alone == reference(NAME, "q_thin")[3][0][: len(alone)], "q_thin vs stock vLLM"
 
 
 def test_switch_is_detected_from_fed_input_ids_alone(switch_llm, think_prompts, monkeypatch):
@@ -349,7 +360,7 @@ def test_recompute_composes_with_a_user_scheduler(
     """--scheduler-cls of the user's own: the recompute hook wraps it (recompute stays
     exact) and the user's scheduler runs."""
     user = _counting_scheduler_cls()
-    traces, conts = hand_reference
+    traces, conts, _ = hand_reference
     todo = cases(think_prompts)
     llm = engines.get(
         ("user-scheduler",), checkpoint(NAME), **REASONING,

@@ -410,6 +410,8 @@ def test_aborted_requests_are_not_counted_as_finished(server, prompts):
         if running and all(float(ln.split()[-1]) == 0 for ln in running):
             break
         time.sleep(0.5)
+    else:
+        raise AssertionError("the aborted request was still running after 60 s")
     ok = requests.post(
         f"{server}/v1/completions",
         json={"model": SERVED, "prompt": prompts[0], "max_tokens": 2},
@@ -417,3 +419,9 @@ def test_aborted_requests_are_not_counted_as_finished(server, prompts):
     )
     assert ok.status_code == 200
     assert _metric(server, "vllm_elastic:requests_total", **labels) == before
+    # the same policy run to its end is counted, once: the series is exported
+    done = requests.post(
+        f"{server}/v1/completions", json={**body, "max_tokens": 2, "stream": False}, timeout=60
+    )
+    assert done.status_code == 200, done.text
+    assert _metric(server, "vllm_elastic:requests_total", **labels) == before + 1

@@ -1,4 +1,5 @@
-"""Helper run as a subprocess by test_tensor_parallel.py: greedy ids at every budget."""
+"""Helper run as a subprocess by test_tensor_parallel.py: greedy ids and top-5 logprobs
+per step at every budget, as JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 def main() -> None:
     from vllm import LLM, SamplingParams
 
-    model, tp, prompts_json, budgets_json = sys.argv[1:5]
+    model, tp, prompts_json, budgets_json, max_tokens = sys.argv[1:6]
     prompts = json.loads(prompts_json)
     llm = LLM(
         model,
@@ -22,10 +23,17 @@ def main() -> None:
     result = {}
     for budget in json.loads(budgets_json):
         sp = SamplingParams(
-            max_tokens=8, temperature=0, ignore_eos=True, extra_args={"elastic_budget": budget}
-        )
+            max_tokens=int(max_tokens), temperature=0, logprobs=5, ignore_eos=True,
+            extra_args={"elastic_budget": budget},
+        )  # fmt: skip
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        result[budget] = [list(o.outputs[0].token_ids) for o in outs]
+        result[budget] = [
+            [
+                list(o.outputs[0].token_ids),
+                [[[t, lp.logprob] for t, lp in step.items()] for step in o.outputs[0].logprobs],
+            ]
+            for o in outs
+        ]
     print("RESULT " + json.dumps(result), flush=True)
 
 

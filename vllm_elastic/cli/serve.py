@@ -45,14 +45,16 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--elastic-weight-packing",
         choices=PACKINGS,
-        help="CPU weight storage: nested (1.0x memory, default), per-budget (one packed "
-        "copy per budget: faster, sum of the budgets' bytes) or views",
+        help="weight storage: auto (default: blocked on an x86-64 AVX2 CPU with fp32 "
+        "weights, else nested on CPU, views on GPU), blocked (1.0x memory, our nested "
+        "GEMM kernel), nested (1.0x, oneDNN shells), per-budget (one packed copy per "
+        "budget: the sum of the budgets' bytes) or views",
     )
     group.add_argument(
         "--elastic-serve-budgets",
         metavar="B1,B2,...",
         help="serve only these budgets of the checkpoint (must include the full one): "
-        "fewer nested levels, so the larger budgets run fewer GEMMs",
+        "fewer graphs to compile and, with nested packing, fewer GEMMs per projection",
     )
 
 

@@ -47,7 +47,8 @@ ENGINE_KEYS: dict[str, str] = {
     "gated norm outside compiled graphs) or vLLM's decode kernels "
     f"({' | '.join(MAMBA_DECODES)}; auto: ours where they run)",
     "serve_budgets": "budgets this engine serves (list of names, default: all the "
-    "checkpoint declares; must include the full one): fewer nested levels, fewer GEMMs",
+    "checkpoint declares; must include the full one): fewer graphs, and with nested "
+    "packing fewer GEMMs",
     "mixed_graphs": "also compile a graph per mix of budgets at start-up (bool, default "
     "false: mixed batches run the routed eager forward)",
     "base_scheduler_cls": "scheduler the recompute hook wraps (set from --scheduler-cls)",
