@@ -306,20 +306,40 @@ def test_budget_report_counts(ckpt: Path, tmp_path: Path) -> None:
     assert cut["fraction"] == pytest.approx(cut["parameters"] / full["parameters"])
 
 
-@pytest.mark.parametrize(
-    ("preset", "fractions"),
-    [("tiny", [1.0, 0.22]), ("small", [1.0, 0.53, 0.19]), ("bench", [1.0, 0.71, 0.39])],
-)
-def test_preset_fractions(preset: str, fractions: list[float], tmp_path: Path) -> None:
-    """Only the config is needed for the report, so the bench weights are not built."""
+def _uniform_presets() -> list[str]:
+    """Presets whose budgets have one size per axis (a standalone config holds them)."""
+    return [
+        name
+        for name, kwargs in PRESETS.items()
+        if not any(
+            isinstance(v, list) and k != "layers" for b in kwargs["budgets"] for k, v in b.items()
+        )
+    ]
+
+
+@pytest.mark.parametrize("preset", _uniform_presets())
+def test_preset_parameters_match_transformers(preset: str, tmp_path: Path) -> None:
+    """``inspect``'s parameter count of every budget equals that of the budget's
+    standalone model as transformers builds it (meta device: no weights are made),
+    counting what a checkpoint stores: parameters once, persistent buffers."""
+    from vllm_elastic.checkpoint.slicing import plain_config
     from vllm_elastic.spec.families import family_named
 
     kwargs = PRESETS[preset]
     cls = family_named(kwargs["family"]).config_cls
     shape = {k: v for k, v in kwargs.items() if k not in ("family", "budgets")}
-    cls(elastic={"budgets": kwargs["budgets"]}, vocab_size=273, **shape).save_pretrained(tmp_path)
-    got = [row["fraction"] for row in budget_report(tmp_path)]
-    assert got == pytest.approx(fractions, abs=0.015)
+    config = cls(elastic={"budgets": kwargs["budgets"]}, vocab_size=273, **shape)
+    config.save_pretrained(tmp_path)
+    counts = []
+    for budget in config.elastic_spec.budgets:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(plain_config(config, budget))
+        saved = model.state_dict()  # persistent buffers too (MoE e_score_correction_bias)
+        buffers = [b for n, b in model.named_buffers() if n in saved]
+        counts.append(sum(t.numel() for t in [*model.parameters(), *buffers]))
+    rows = budget_report(tmp_path)
+    assert [row["parameters"] for row in rows] == counts
+    assert [row["fraction"] for row in rows] == pytest.approx([c / counts[0] for c in counts])
 
 
 # --------------------------------------------------------------------------- CLI

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import types
+from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import greedy
+from conftest import ENGINE_KWARGS, greedy
 
 from vllm_elastic.control.logits_processor import FQCN as LOGITS_PROCESSOR
 from vllm_elastic.control.scheduler import FQCN as SCHEDULER
@@ -49,60 +51,49 @@ def test_the_v2_loader_would_reject_our_processor():
     loader._cached_load_v2_logitsprocs.cache_clear()
 
 
-def _runner_config(elastic: bool, **extra):
-    """A stand-in with what ``VllmConfig.use_v2_model_runner`` reads."""
-    from vllm_elastic.spec.families.llama import ElasticLlamaConfig
+def _vllm_config(model: Path) -> Any:
+    """vLLM's own ``VllmConfig`` of ``model``, built as an engine builds it (the plugin's
+    config hook included); no engine starts."""
+    from vllm.engine.arg_utils import EngineArgs
 
-    hf = ElasticLlamaConfig(elastic={"budgets": [{"name": "full"}]}) if elastic else object()
-    return types.SimpleNamespace(
-        model_config=types.SimpleNamespace(hf_config=hf),
-        attention_config=types.SimpleNamespace(hisparse_config=None),
-        watermark_config=None,
-        _get_v2_model_runner_unsupported_features=lambda: [],
-        **extra,
-    )
+    return EngineArgs(model=str(model), **ENGINE_KWARGS).create_engine_config()
+
+
+@pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """Triton present, as on a GPU box (V2 is then vLLM's default); the variable under
+    the test's control, read afresh."""
+    import vllm.config.vllm as vllm_config_module
+    import vllm.envs as envs
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what every vLLM process does first (registers our hooks)
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    envs.disable_envs_cache()
+    return monkeypatch
 
 
 @pytest.mark.parametrize("env", [None, "0", "1"])
-def test_runner_choice_is_vllms_for_other_models(env, monkeypatch):
-    import vllm.envs as envs
+def test_runner_choice_is_vllms_for_other_models(env, as_on_a_gpu, sliced):
     from vllm.config import VllmConfig
-    from vllm.plugins import load_general_plugins
 
     from vllm_elastic.compat.patching import original
 
-    load_general_plugins()
-    envs.disable_envs_cache()
-    if env is None:
-        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    else:
-        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", env)
+    if env is not None:
+        as_on_a_gpu.setenv("VLLM_USE_V2_MODEL_RUNNER", env)
+    plain = _vllm_config(sliced("llama_bias", "full"))
     vllms_own = original(VllmConfig, "use_v2_model_runner").fget
-    plain = _runner_config(elastic=False)
-    assert VllmConfig.use_v2_model_runner.fget(plain) == vllms_own(plain)
+    assert plain.use_v2_model_runner == vllms_own(plain) == (env != "0")
 
 
-def test_elastic_models_get_runner_v1_or_a_start_up_error(monkeypatch):
-    import vllm.config.vllm as vllm_config_module
-    from vllm.config import VllmConfig
-    from vllm.plugins import load_general_plugins
-
-    from vllm_elastic.compat.runner import check_v1_runner
-    from vllm_elastic.errors import ElasticConfigError
-
-    load_general_plugins()  # what every vLLM process does first (registers our hooks)
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)  # as on a GPU box
-    assert VllmConfig.use_v2_model_runner.fget(_runner_config(elastic=False)) is True
-    elastic = _runner_config(elastic=True)
-    assert VllmConfig.use_v2_model_runner.fget(elastic) is False
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with_v2 = types.SimpleNamespace(
-        use_v2_model_runner=VllmConfig.use_v2_model_runner.fget(elastic)
-    )
-    assert with_v2.use_v2_model_runner is True
-    with pytest.raises(ElasticConfigError, match="need vLLM's Model Runner V1"):
-        check_v1_runner(with_v2)
+def test_elastic_models_get_runner_v1_or_a_start_up_error(as_on_a_gpu, checkpoint):
+    """The error is our config hook's, raised while vLLM validates its config (pydantic
+    wraps it in a ValidationError, a ValueError)."""
+    assert _vllm_config(checkpoint("llama_bias")).use_v2_model_runner is False
+    as_on_a_gpu.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="need vLLM's Model Runner V1"):
+        _vllm_config(checkpoint("llama_bias"))
 
 
 def test_stock_engine_with_the_plugin_installed_is_untouched(engines, sliced):
