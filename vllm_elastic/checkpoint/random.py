@@ -198,6 +198,40 @@ PRESETS: dict[str, dict[str, Any]] = {
             },
         ],
     },
+    # hybrid_bench at twice the width (146M): how budget control scales with model size
+    "hybrid_bench_x2": {
+        **_HYBRID_SHAPE,
+        "hybrid_override_pattern": "M-M*M-M-",
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 6144,
+        "mamba_num_heads": 64,
+        "mamba_head_dim": 32,
+        "n_groups": 8,
+        "ssm_state_size": 64,
+        "chunk_size": 128,
+        "budgets": [
+            {"name": "full"},
+            {
+                "name": "large",
+                "hidden_size": 1536,
+                "num_attention_heads": 24,
+                "num_key_value_heads": 6,
+                "mamba_num_heads": 48,
+                "intermediate_size": 4608,
+            },
+            {
+                "name": "small",
+                "hidden_size": 1024,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 4,
+                "mamba_num_heads": 32,
+                "intermediate_size": 3072,
+            },
+        ],
+    },
 }
 DEFAULT_PRESET = "small"
 
