@@ -198,41 +198,30 @@ PRESETS: dict[str, dict[str, Any]] = {
             },
         ],
     },
-    # hybrid_bench at twice the width (146M): how budget control scales with model size
-    "hybrid_bench_x2": {
-        **_HYBRID_SHAPE,
-        "hybrid_override_pattern": "M-M*M-M-",
-        "hidden_size": 2048,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "intermediate_size": 6144,
-        "mamba_num_heads": 64,
-        "mamba_head_dim": 32,
-        "n_groups": 8,
-        "ssm_state_size": 64,
-        "chunk_size": 128,
-        "budgets": [
-            {"name": "full"},
-            {
-                "name": "large",
-                "hidden_size": 1536,
-                "num_attention_heads": 24,
-                "num_key_value_heads": 6,
-                "mamba_num_heads": 48,
-                "intermediate_size": 4608,
-            },
-            {
-                "name": "small",
-                "hidden_size": 1024,
-                "num_attention_heads": 16,
-                "num_key_value_heads": 4,
-                "mamba_num_heads": 32,
-                "intermediate_size": 3072,
-            },
-        ],
-    },
 }
+# the width axes of a preset and its budgets (head and state sizes are per head)
+_WIDTHS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "mamba_num_heads",
+    "n_groups",
+)
+
+
+def _widened(preset: Mapping[str, Any], factor: int) -> dict[str, Any]:
+    """``preset`` with every width, its budgets' too, times ``factor``: depth, head and
+    state sizes and the budgets' parameter fractions stay as they are."""
+
+    def scale(fields: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v * factor if k in _WIDTHS else v for k, v in fields.items()}
+
+    return {**scale(preset), "budgets": [scale(b) for b in preset["budgets"]]}
+
+
+# hybrid_bench at twice the width (146M): how budget control scales with model size
+PRESETS["hybrid_bench_x2"] = _widened(PRESETS["hybrid_bench"], 2)
 DEFAULT_PRESET = "small"
 
 
