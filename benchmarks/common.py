@@ -70,6 +70,12 @@ ELASTIC_OPTIONS: dict[str, Any] = {}  # --elastic-option KEY=VALUE: more engine 
 # (torch.compile on CPU, CUDA graphs + compile on GPU), eager mode is an extra column.
 # Elastic engines get no mode (the plugin picks what elastic models support).
 STOCK_MODES: dict[str, dict[str, Any]] = {"default": {}, "eager": {"enforce_eager": True}}
+# quick mode compiles the way vLLM's own CPU CI does (set it to 0 to compile with Inductor):
+# dynamo traces every engine's forward, elastic budget graphs included, and runs the graph
+# eagerly, without Inductor's code generation (minutes per engine on a cold cache) or a
+# warm-up. Quick mode measures no speed; tests/test_exactness.py checks Inductor's graphs.
+CPU_CI_ENV = "VLLM_CPU_CI_ENV"
+QUICK_COMPILE_NOTE = f"{CPU_CI_ENV}=1: compiled engines trace with dynamo, eager backend"
 ANCHOR_MODE = "default"
 
 ENGINE_KWARGS: dict[str, Any] = dict(
@@ -162,6 +168,8 @@ def parse_settings(description: str, extra: Any = None) -> tuple[Settings, argpa
         settings.notes.append(f"elastic engines serve only {args.serve_budgets}")
     if settings.quick:  # quick mode asserts no speed: never wait or retry
         RETRIES, QUIET_WAIT_S = 0, 0.0
+        if os.environ.setdefault(CPU_CI_ENV, "1") == "1":
+            settings.notes.append(QUICK_COMPILE_NOTE)
     if args.quiet_wait is not None:
         QUIET_WAIT_S = args.quiet_wait
     return settings, args
@@ -333,6 +341,13 @@ def _slice(parent: Path, name: str, out_root: Path, fresh: bool) -> Path:
     return out
 
 
+def _layer_pattern(kinds: Sequence[str]) -> str:
+    """NemotronH's pattern string (``M-M*E``), else runs of a kind (``4 x decoder``)."""
+    if all(len(k) == 1 for k in kinds):
+        return "".join(kinds)
+    return ", ".join(f"{len(list(run))} x {k}" for k, run in itertools.groupby(kinds))
+
+
 def model_info(parent: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Parent shape plus each budget's shape and cost (``vllm_elastic.spec.cost``:
     parameters, matmul FLOPs, KV and Mamba-state bytes)."""
@@ -349,7 +364,7 @@ def model_info(parent: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "family": cfg.model_type,
         **{k: r for k, r in spec.parent.sizes.items()},
-        "layer_kinds": "".join(spec.parent.layer_kinds),
+        "layer_kinds": _layer_pattern(spec.parent.layer_kinds),
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.family.tied(cfg),
         "dtype": rows[0]["dtype"],
@@ -423,13 +438,15 @@ def engine_info(llm: Any) -> dict[str, Any]:
     import torch
 
     cfg = llm.llm_engine.vllm_config
+    eager = cfg.model_config.enforce_eager
     info = {
         "max_num_seqs": cfg.scheduler_config.max_num_seqs,
         "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
         "max_model_len": cfg.model_config.max_model_len,
         "torch_threads": torch.get_num_threads(),
-        "enforce_eager": cfg.model_config.enforce_eager,
+        "enforce_eager": eager,
         "compilation_mode": str(cfg.compilation_config.mode),
+        "compile_backend": None if eager else cfg.compilation_config.backend,
         "startup_s": getattr(llm, "bench_startup_s", None),
     }
     packing = llm.apply_model(lambda model: getattr(model, "weight_packing", None))[0]

@@ -3,7 +3,8 @@
 What is asserted is what does not depend on speed: every script writes its results, the
 elastic engine's greedy outputs equal stock vLLM's on every sliced budget (both weight
 packings), its weights take one copy of the model, and budget control thinks at the think
-budget then answers differently.
+budget then answers differently. Quick runs compile as vLLM's CPU CI does (dynamo, eager
+backend); ``test_exactness.py`` checks the Inductor-compiled engines.
 """
 
 from __future__ import annotations

@@ -54,15 +54,24 @@ def test_budgets_mixed_in_one_batch(name, below_full, oracle, elastic_llm, promp
         assert_same_output(g, w, f"{name} mixed request {k} ({extra[k]['elastic_budget']})")
 
 
-@pytest.mark.parametrize("name", ["llama_bias", "hybrid"])
-def test_compiled_engine_is_exact_alone_and_mixed(name, oracle, elastic_llm, prompts):
-    """vLLM's default compilation (no enforce_eager): one graph per budget, traced at
-    start-up (NemotronH's Mamba conv/scan and routed experts inside as custom ops); every
-    budget alone runs its own graph and all mixed in one batch (the routed eager forward,
-    by default) equal the oracle."""
+@pytest.mark.parametrize(
+    "name,packing",
+    [("llama_bias", None), ("hybrid", None), ("llama_chain", "nested"),
+     ("llama_chain", "per-budget")],
+)  # fmt: skip
+def test_compiled_engine_is_exact_alone_and_mixed(name, packing, oracle, elastic_llm, prompts):
+    """vLLM's default compilation (no enforce_eager, Inductor): one graph per budget,
+    traced at start-up (NemotronH's Mamba conv/scan and routed experts inside as custom
+    ops); every budget alone runs its own graph and all mixed in one batch (the routed
+    eager forward, by default) equal the oracle. With the default weight packing and the
+    two others whose GEMMs differ (nested shells; one packed copy per budget)."""
     budgets = budget_names(name)
     want = {b: oracle(name, b) for b in budgets}  # before: the pool holds one engine
-    llm = elastic_llm(name, enforce_eager=False)
+    options = {"additional_config": {"elastic": {"weight_packing": packing}}} if packing else {}
+    llm = elastic_llm(name, enforce_eager=False, **options)
+    if packing:
+        used = llm.apply_model(lambda model: model.weight_packing)[0]
+        assert used["requested"] == used["down"] == packing
     assert llm.llm_engine.vllm_config.model_config.enforce_eager is False
     traced = llm.apply_model(lambda m: sorted(m.budget_graphs.compile_s))[0]
     extra = set(traced) - set(budgets)  # NemotronH: "<budget>><larger budget>" state graphs
@@ -72,14 +81,14 @@ def test_compiled_engine_is_exact_alone_and_mixed(name, oracle, elastic_llm, pro
     for b in budgets:
         got = greedy(llm, prompts, [{"elastic_budget": b}] * len(prompts), 12)
         for i, (g, w) in enumerate(zip(got, want[b])):
-            assert_same_output(g, w, f"compiled {name}, budget {b} alone, prompt {i}")
+            assert_same_output(g, w, f"compiled {name} ({packing}), budget {b}, prompt {i}")
     calls = llm.apply_model(lambda m: dict(m.budget_graphs.calls))[0]
     own = [((i, i),) for i in range(len(budgets))]
     assert sorted(calls) == own, f"a budget ran eager or another graph alone: {calls}"
     mix = [budgets[i % len(budgets)] for i in range(len(prompts))]
     got = greedy(llm, prompts, [{"elastic_budget": b} for b in mix], 12)
     for i, (g, b) in enumerate(zip(got, mix)):
-        assert_same_output(g, want[b][i], f"compiled {name}, mixed batch, {b} prompt {i}")
+        assert_same_output(g, want[b][i], f"compiled {name} ({packing}), mixed, {b} prompt {i}")
 
 
 def test_mamba_decode_paths_are_exact_mixed(oracle, elastic_llm, prompts):
