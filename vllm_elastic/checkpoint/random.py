@@ -220,8 +220,10 @@ def _widened(preset: Mapping[str, Any], factor: int) -> dict[str, Any]:
     return {**scale(preset), "budgets": [scale(b) for b in preset["budgets"]]}
 
 
-# hybrid_bench at twice the width (146M): how budget control scales with model size
+# hybrid_bench at twice and four times the width (146M, 583M): how budget control scales
+# with model size
 PRESETS["hybrid_bench_x2"] = _widened(PRESETS["hybrid_bench"], 2)
+PRESETS["hybrid_bench_x4"] = _widened(PRESETS["hybrid_bench"], 4)
 DEFAULT_PRESET = "small"
 
 
