@@ -18,6 +18,7 @@ from vllm_elastic.checkpoint.tokenizer import (
     special_token_ids,
     tokenizer_vocab_size,
 )
+from vllm_elastic.spec.axes import AXES, EXPERTS, MAMBA_HEADS
 from vllm_elastic.spec.families import Family, family_named
 
 _HYBRID_SHAPE: dict[str, Any] = {
@@ -199,14 +200,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
     },
 }
-# the width axes of a preset and its budgets (head and state sizes are per head)
+# the width axes of a preset and its budgets: every elastic axis but the expert count, and
+# the Mamba groups (heads per group stay); head and state sizes are per head
 _WIDTHS = (
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "mamba_num_heads",
-    "n_groups",
+    *(field for field in AXES if field != EXPERTS.field),
+    MAMBA_HEADS.group_field,
 )
 
 
