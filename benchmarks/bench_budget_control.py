@@ -8,7 +8,13 @@ T thinking tokens, ``</think>`` and A answer tokens. Compared, on the same promp
   default settings, compiled, and in eager mode);
 * ``full+vllm_cap``: the full budget with vLLM's own ``thinking_token_budget=T`` (needs a
   ``reasoning_config``) instead of the forcing processor;
-* ``small``: the thinking budget throughout (reference: the switch must change the answer);
+* ``small``: the thinking budget throughout (reference: the switch must change the answer),
+  and ``stock small``: the same on the stock small slice (how much faster stock vLLM runs
+  the thinking budget: the stock blend limit);
+* ``stock small->full two engines``: what stock vLLM offers today, each size served from its
+  own slice: the stock small engine thinks T tokens, then the stock full engine prefills the
+  prompt, the thinking and ``</think>`` and answers (wall = the two batches' sum, no
+  hand-off cost; memory = both slices). Its answers must equal ``recompute``'s;
 * ``small->full reuse`` / ``recompute``: ``elastic_think_budget`` / ``elastic_answer_budget``
   with ``elastic_kv_mode``; ``small->full reuse+vllm_cap``: the switch driven by vLLM's cap.
 
@@ -49,13 +55,17 @@ class Config:
     """One way of serving the think-then-answer requests."""
 
     name: str
-    engine: str  # "elastic" | a stock mode (``c.STOCK_MODES``) on the full slice
+    engine: str  # "elastic" | a stock mode (``c.STOCK_MODES``) on a slice
     think: str | None  # budget names (None on the stock engine)
     answer: str | None
     kv_mode: str | None = None
     vllm_cap: bool = False
+    slice: str | None = None  # the stock engine's slice (None: the answer budget's)
+    phase: str | None = None  # a two-engine phase: "think" (T tokens) or "answer" (A tokens)
 
     def params(self, shape: Shape) -> Any:
+        if self.phase is not None:  # the hand-off itself supplies ``</think>``
+            return c.sampling(shape.think if self.phase == "think" else shape.answer)
         extra: dict[str, Any] = {}
         if self.think is not None and self.think == self.answer:
             extra["elastic_budget"] = self.think
@@ -70,9 +80,19 @@ class Config:
         return c.sampling(shape.max_tokens, extra or None, **kw)
 
 
+def two_engine_names(think: str, answer: str) -> tuple[str, str, str]:
+    """The two-engine row and its two phases' config names."""
+    row = f"stock {think}->{answer} two engines"
+    return row, f"{row}: {think} thinks", f"{row}: {answer} answers"
+
+
 def configs(think: str, answer: str) -> list[Config]:
+    _, think_phase, answer_phase = two_engine_names(think, answer)
     return [
+        Config(f"stock {think}", "default", None, None, slice=think),
+        Config(think_phase, "default", None, None, slice=think, phase="think"),
         Config("stock full", "default", None, None),
+        Config(answer_phase, "default", None, None, phase="answer"),
         Config("stock full+vllm_cap", "default", None, None, vllm_cap=True),
         Config("stock full eager", "eager", None, None),
         Config("full", "elastic", answer, answer),
@@ -123,16 +143,18 @@ def run_engine(
     shape: Shape,
     prompts: list[list[int]],
     repeats: int,
+    own_prompts: dict[str, list[list[int]]] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Measure every config of one engine in interleaved rounds; a config that fails on a
-    one-request trial records its error instead."""
+    """Measure every config of one engine in interleaved rounds (``own_prompts``: configs
+    with prompts of their own); a config that fails on a one-request trial records its
+    error instead."""
     llm, cap_error = open_control_engine(path, **overrides)
     out: dict[str, Any] = {}
     named = {}
     try:
         for cfg in todo:
-            reqs = c.requests_for(prompts, cfg.params(shape))
+            reqs = c.requests_for((own_prompts or {}).get(cfg.name, prompts), cfg.params(shape))
             if cfg.vllm_cap and cap_error:
                 out[cfg.name] = {"error": f"no reasoning_config: {cap_error}"}
                 continue
@@ -148,6 +170,29 @@ def run_engine(
     finally:
         c.close_engine(llm)
     return {cfg.name: out[cfg.name] for cfg in todo}
+
+
+def handoff_prompts(
+    prompts: list[list[int]], thinking: c.Measurement, end_id: int
+) -> list[list[int]]:
+    """The answer engine's prompts: each prompt, the think engine's tokens, ``</think>``."""
+    return [p + o + [end_id] for p, o in zip(prompts, thinking.best.outputs, strict=True)]
+
+
+def two_engines(thinking: c.Measurement, answering: c.Measurement, end_id: int) -> c.Measurement:
+    """The two phases as one run: the best of each, one after the other (wall times add,
+    outputs are thinking, ``</think>``, answer; noise the worse of the two)."""
+    t, a = thinking.best, answering.best
+    run = c.BatchRun(
+        wall_s=t.wall_s + a.wall_s,
+        prompt_tokens=t.prompt_tokens,
+        output_tokens=t.output_tokens + len(t.outputs) + a.output_tokens,
+        latency_s=[t.wall_s + x for x in a.latency_s],
+        ttft_s=[],
+        outputs=[x + [end_id] + y for x, y in zip(t.outputs, a.outputs, strict=True)],
+        noise={k: (min if k == "calib_gflops" else max)(t.noise[k], a.noise[k]) for k in t.noise},
+    )
+    return c.Measurement.of([run])
 
 
 def end_positions(outputs: list[list[int]], end_id: int) -> list[int]:
@@ -189,6 +234,13 @@ def analyse(
     state_flops = ckpt.reuse_state_flops(think, answer)
     state_limit = flop_limit(ckpt, shape, think, answer, state_flops)
     base = ok.get("full")
+    stock_full, stock_think = ok.get("stock full"), ok.get(f"stock {think}")
+    stock_blend = stock_ratio = None
+    if stock_full is not None and stock_think is not None:
+        # what a perfect hand-off between the stock slices could give: thinking at stock
+        # ``think``'s measured speed, answering at stock ``full``'s
+        stock_blend = _blend_limit(shape, stock_full.wall_s, stock_think.wall_s)
+        stock_ratio = round(stock_full.wall_s / stock_think.wall_s, 4)
     checks, speedups = {}, {}
     think_only = ok.get(think)
     for name, res in ok.items():
@@ -215,21 +267,36 @@ def analyse(
                 blend = _blend_limit(shape, base.wall_s, think_only.wall_s)
                 entry["measured_blend_limit"] = round(blend, 4)
                 entry["of_blend_limit"] = round(sp / blend, 4)
-            entry["pass"] = sp / limit >= TARGET
+            if stock_blend is not None and "speedup_vs_stock_full" in entry:
+                entry["of_stock_blend_limit"] = round(
+                    entry["speedup_vs_stock_full"] / stock_blend, 4
+                )
+            if not name.startswith("stock"):  # the target is ours, not stock vLLM's
+                entry["pass"] = sp / limit >= TARGET
             speedups[name] = entry
     out = {
         "rows": rows,
         "flop_limit": round(limit, 4),
         "flop_limit_with_state_writes": round(state_limit, 4),
         "reuse_state_write_flops_per_token": state_flops,
+        "flop_ratio": round(ckpt.flops(answer) / ckpt.flops(think), 4),
+        "stock_speed_ratio": stock_ratio,
+        "stock_blend_limit": None if stock_blend is None else round(stock_blend, 4),
         "checks": checks,
         "speedups": speedups,
     }
-    reuse, recompute = ok.get(f"{think}->{answer} reuse"), ok.get(f"{think}->{answer} recompute")
-    if reuse is not None and recompute is not None:
-        out["reuse_vs_recompute"] = agreement(
-            split(reuse.best.outputs, shape.think)[1], split(recompute.best.outputs, shape.think)[1]
-        )
+    recompute = ok.get(f"{think}->{answer} recompute")
+    compared = {
+        "reuse_vs_recompute": f"{think}->{answer} reuse",
+        "two_engines_vs_recompute": two_engine_names(think, answer)[0],
+    }
+    for key, name in compared.items():
+        res = ok.get(name)
+        if res is not None and recompute is not None:
+            out[key] = agreement(
+                split(res.best.outputs, shape.think)[1],
+                split(recompute.best.outputs, shape.think)[1],
+            )
     return out
 
 
@@ -282,6 +349,7 @@ def tables(analysis: dict[str, Any]) -> list[str]:
             "of limit",
             "of limit with state writes",
             "blend limit",
+            "of stock blend limit",
             f">= {TARGET} of limit",
         ],
         [
@@ -294,7 +362,8 @@ def tables(analysis: dict[str, Any]) -> list[str]:
                 s["of_flop_limit"],
                 s.get("of_state_write_flop_limit", "-"),
                 s.get("measured_blend_limit", "-"),
-                "PASS" if s["pass"] else "FAIL",
+                s.get("of_stock_blend_limit", "-"),
+                {True: "PASS", False: "FAIL"}.get(s.get("pass"), "-"),
             )
             for name, s in analysis["speedups"].items()
         ],
@@ -312,12 +381,20 @@ def tables(analysis: dict[str, Any]) -> list[str]:
         ],
     )
     out = [runs, sp, chk]
-    agree = analysis.get("reuse_vs_recompute")
-    if agree is not None:
+    compared = {
+        "reuse_vs_recompute": "reuse vs recompute (same requests; recompute re-runs the "
+        "thinking tokens at the answer budget, reuse keeps their K/V from the think budget)",
+        "two_engines_vs_recompute": "two stock engines vs recompute (the same computation: "
+        "answers must be identical)",
+    }
+    agreements = [(k, text) for k, text in compared.items() if k in analysis]
+    if agreements:
+        first = analysis[agreements[0][0]]
         out.append(
-            "reuse vs recompute (same requests; recompute re-runs the thinking tokens at "
-            "the answer budget, reuse keeps their K/V from the think budget):\n\n"
-            + c.md_table(list(agree), [list(agree.values())])
+            c.md_table(
+                ["compared", *first],
+                [[text, *analysis[k].values()] for k, text in agreements],
+            )
         )
     return out
 
@@ -337,13 +414,27 @@ def main() -> None:
         for p in c.make_prompts(shape.batch, shape.prompt_len, ckpt.info["vocab_size"])
     ]
     todo = configs(think, answer)
+    two_row, think_phase, answer_phase = two_engine_names(think, answer)
     results: dict[str, Any] = {}
+    c.log(f"stock engine ({c.ANCHOR_MODE}) {ckpt.sliced[think]}")
+    thinkers = [x for x in todo if x.slice == think]
+    results.update(run_engine(ckpt.sliced[think], thinkers, shape, prompts, settings.repeats))
+    handoff = {}
+    if isinstance(results[think_phase], c.Measurement):
+        handoff[answer_phase] = handoff_prompts(prompts, results[think_phase], end_id)
     for mode, overrides in c.STOCK_MODES.items():
         c.log(f"stock engine ({mode}) {ckpt.sliced[answer]}")
-        stock = [x for x in todo if x.engine == mode]
+        stock = [x for x in todo if x.engine == mode and x.slice is None]
+        if not handoff:
+            stock = [x for x in stock if x.phase is None]
         results.update(
-            run_engine(ckpt.sliced[answer], stock, shape, prompts, settings.repeats, **overrides)
+            run_engine(
+                ckpt.sliced[answer], stock, shape, prompts, settings.repeats, handoff, **overrides
+            )
         )
+    phases = results.pop(think_phase), results.pop(answer_phase, None)
+    if all(isinstance(m, c.Measurement) for m in phases):
+        results[two_row] = two_engines(*phases, end_id)
     c.log(f"elastic engine {ckpt.path}")
     elastic = [x for x in todo if x.engine == "elastic"]
     results.update(run_engine(ckpt.path, elastic, shape, prompts, settings.repeats))
@@ -373,7 +464,14 @@ def main() -> None:
         f"({analysis['flop_limit_with_state_writes']}): F_{think} plus the "
         f"{analysis['reuse_state_write_flops_per_token'] / 1e6:.2f} MFLOP per token a "
         f"`reuse` thinking token spends writing `{answer}`'s Mamba state "
-        "(`spec.cost.reuse_state_write_flops`)."
+        "(`spec.cost.reuse_state_write_flops`). "
+        f"Stock blend limit ({analysis['stock_blend_limit']}): the same with the stock "
+        f"slices' measured speeds (stock `{think}` runs {analysis['stock_speed_ratio']}x "
+        f"faster than stock `{answer}` for {analysis['flop_ratio']}x fewer FLOPs); its "
+        "fraction is the speedup over stock full divided by it. "
+        f"`{two_row}`: the stock `{think}` slice thinks, the stock `{answer}` slice "
+        "prefills prompt + thinking + `</think>` and answers (the two batches' wall times "
+        "added, no hand-off cost; both slices' weights in memory)."
     )
     c.write_results(
         settings,
@@ -389,7 +487,7 @@ def main() -> None:
             sections[1],
             "## Switch checks",
             sections[2],
-            *(["## Reuse vs recompute", *sections[3:]] if len(sections) > 3 else []),
+            *(["## Answers compared", *sections[3:]] if len(sections) > 3 else []),
         ],
         [plot],
     )

@@ -72,15 +72,22 @@ def control_rows(data: dict, label: str = "") -> list[tuple]:
                 "-",
             )
         )
-        verdict = "PASS" if s["pass"] else "FAIL"
+        target, verdict = (">= 0.9", "PASS" if s["pass"] else "FAIL") if "pass" in s else ("-", "-")
         out.append(
             (f"{label.strip()} {name}: fraction of the FLOP limit".strip(), s["of_flop_limit"],
-             ">= 0.9", verdict)
+             target, verdict)
         )  # fmt: skip
-    agree = data.get("reuse_vs_recompute")
-    if agree is not None:
-        for key in ("answers_identical", "first_token_identical", "mean_common_prefix_tokens"):
-            out.append((f"reuse vs recompute: {key}", agree[key], "-", "-"))
+        if "of_stock_blend_limit" in s:
+            limit = data["stock_blend_limit"]
+            out.append((f"{name}: fraction of the stock blend limit ({limit})",
+                        s["of_stock_blend_limit"], "-", "-"))  # fmt: skip
+    for compared in ("reuse_vs_recompute", "two_engines_vs_recompute"):
+        agree = data.get(compared)
+        if agree is None:
+            continue
+        keys = ("answers_identical", "first_token_identical", "mean_common_prefix_tokens")
+        for key in keys[: 1 if compared.startswith("two") else 3]:
+            out.append((f"{compared.replace('_', ' ')}: {key}", agree[key], "-", "-"))
     return out
 
 
