@@ -89,8 +89,8 @@ def two_engine_names(think: str, answer: str) -> tuple[str, str, str]:
 def configs(think: str, answer: str) -> list[Config]:
     _, think_phase, answer_phase = two_engine_names(think, answer)
     return [
-        Config(f"stock {think}", "default", None, None, slice=think),
-        Config(think_phase, "default", None, None, slice=think, phase="think"),
+        Config(f"stock {think}", c.ANCHOR_MODE, None, None, slice=think),
+        Config(think_phase, c.ANCHOR_MODE, None, None, slice=think, phase="think"),
         Config("stock full", "default", None, None),
         Config(answer_phase, "default", None, None, phase="answer"),
         Config("stock full+vllm_cap", "default", None, None, vllm_cap=True),
@@ -418,7 +418,10 @@ def main() -> None:
     results: dict[str, Any] = {}
     c.log(f"stock engine ({c.ANCHOR_MODE}) {ckpt.sliced[think]}")
     thinkers = [x for x in todo if x.slice == think]
-    results.update(run_engine(ckpt.sliced[think], thinkers, shape, prompts, settings.repeats))
+    anchor = c.STOCK_MODES[c.ANCHOR_MODE]
+    results.update(
+        run_engine(ckpt.sliced[think], thinkers, shape, prompts, settings.repeats, **anchor)
+    )
     handoff = {}
     if isinstance(results[think_phase], c.Measurement):
         handoff[answer_phase] = handoff_prompts(prompts, results[think_phase], end_id)
