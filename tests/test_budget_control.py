@@ -99,16 +99,20 @@ def test_recompute_equals_small_trace_then_large_continuation(
 
 def test_compiled_engine_switches_exactly(hand_reference, switch_llm, think_prompts):
     """With vLLM's default compilation (per-budget graphs; a row whose tokens straddle
-    the switch runs the routed eager path): recompute equals the hand reference and
-    reuse thinks exactly as the small model, alone and batched together."""
+    the switch runs the routed eager path): recompute equals the hand reference, reuse
+    thinks exactly as the small model, alone and batched together, and every output
+    equals the eager engine's: the think budget skips a layer, whose K/V the answer
+    reads, and a compiled graph must not drop that write as dead code."""
     traces, conts, _ = hand_reference
     todo = cases(think_prompts)
-    llm = switch_llm(enforce_eager=False)
-    before = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
     modes = ["recompute", "reuse"] * len(todo)
     batch = [todo[i // 2] for i in range(len(modes))]
     extra = [{**POLICY, "elastic_kv_mode": m} for m in modes]
+    eager = run(switch_llm(), [p for p, _ in batch], extra, [t for _, t in batch], 24)
+    llm = switch_llm(enforce_eager=False)
+    before = llm.apply_model(lambda m: sum(m.budget_graphs.calls.values()))[0]
     got = run(llm, [p for p, _ in batch], extra, [t for _, t in batch], 24)
+    assert got == eager
     for j, (g, m) in enumerate(zip(got, modes)):
         i = j // 2
         want = traces[i] + conts[i] if m == "recompute" else traces[i]

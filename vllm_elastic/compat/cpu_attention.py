@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vllm_elastic.compat.compile import is_compiling
 from vllm_elastic.kernels.graph_ops import fake_of, graph_op
 
 # scheduler metadata per (query heads, KV heads) of the current forward's attention
@@ -156,7 +157,7 @@ def attend(
     return out
 
 
-@graph_op("own_heads_attention", mutates_args=("out",))
+@graph_op("own_heads_attention", mutates_args=("out",), writes_cache=True)
 def own_heads_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     layer_name: str, kv_groups: int,
@@ -185,3 +186,41 @@ def attend_in_graph(
     out = q.new_empty(q.shape[0], q.shape[1])
     torch.ops.vllm_elastic.own_heads_attention(q, k, v, out, attn.layer_name, kv_groups)
     return out
+
+
+def _write(attn: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+    from vllm.model_executor.layers.attention.attention import get_attention_context
+
+    if supported(attn):
+        meta, layer, kv_cache, slots = get_attention_context(attn.layer_name)
+        if meta is not None and slots is not None:
+            n_kv, hd = attn.impl.num_kv_heads, attn.impl.head_size
+            attn.impl.do_kv_cache_update(
+                layer, k.view(-1, n_kv, hd), v.view(-1, n_kv, hd), kv_cache, slots
+            )
+        return
+    attn(k.new_zeros(k.shape[0], attn.num_heads * attn.head_size), k, v)
+
+
+@graph_op("write_kv", writes_cache=True)
+def write_kv_op(k: torch.Tensor, v: torch.Tensor, layer_name: str) -> None:
+    """Write ``k`` / ``v`` into the cache of the vLLM attention layer ``layer_name``."""
+    from vllm.forward_context import get_forward_context
+
+    _write(get_forward_context().no_compile_layers[layer_name], k, v)
+
+
+@fake_of("write_kv")
+def _(k, v, layer_name) -> None:  # noqa: ANN001
+    return None
+
+
+def write_kv(attn: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write K/V into ``attn``'s cache without attending: a layer no token of the batch
+    runs (its budgets skip it) still writes K/V for a larger budget to read. In a
+    compiled graph, a side-effecting op (vLLM's attention, whose output nothing reads
+    there, would be dropped as dead code)."""
+    if is_compiling():
+        torch.ops.vllm_elastic.write_kv(k, v, attn.layer_name)
+    else:
+        _write(attn, k, v)

@@ -309,13 +309,16 @@ def _decode(
             out[rows, :h] = o
 
 
-@graph_op("mamba_conv_ssm", mutates_args=("out",))
-def mamba_conv_ssm(
+@graph_op("mamba_state_update", mutates_args=("out",), writes_cache=True)
+def mamba_state_update(
     proj: torch.Tensor, out: torch.Tensor, conv_weight: torch.Tensor,
     conv_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
     token_heads: torch.Tensor | None, layer_name: str, groups: int, fused_decode: bool,
 ) -> None:  # fmt: skip
-    """``conv_ssm`` as a graph node, for the state mixer registered as ``layer_name``."""
+    """``conv_ssm`` as a graph node, for the state mixer registered as ``layer_name``.
+    Side-effecting (it writes the conv and SSM state): a layer the batch's budgets skip
+    writes state whose ``out`` nothing reads. (Named ``mamba_conv_ssm`` before that mark:
+    the new name keeps inductor's on-disk caches from serving graphs without the node.)"""
     from vllm.forward_context import get_forward_context
 
     mixer = get_forward_context().no_compile_layers[layer_name]
@@ -324,7 +327,7 @@ def mamba_conv_ssm(
     conv_ssm(mixer, proj, out, params, groups, token_heads, fused_decode)
 
 
-@fake_of("mamba_conv_ssm")
+@fake_of("mamba_state_update")
 def _(proj, out, conv_weight, conv_bias, A, D, dt_bias, token_heads, layer_name,  # noqa: ANN001, N803
       groups, fused_decode) -> None:  # noqa: ANN001  # fmt: skip
     return None
@@ -334,8 +337,8 @@ def conv_ssm_in_graph(
     mixer: Any, proj: torch.Tensor, out: torch.Tensor, params: dict[str, torch.Tensor],
     groups: int, token_heads: torch.Tensor | None, fused_decode: bool,
 ) -> None:  # fmt: skip
-    """``conv_ssm`` inside a compiled graph (``mamba_conv_ssm``)."""
-    torch.ops.vllm_elastic.mamba_conv_ssm(
+    """``conv_ssm`` inside a compiled graph (``mamba_state_update``)."""
+    torch.ops.vllm_elastic.mamba_state_update(
         proj, out, params["conv_weight"], params["conv_bias"], params["A"], params["D"],
         params["dt_bias"], token_heads, mixer.prefix, groups, fused_decode,
     )  # fmt: skip

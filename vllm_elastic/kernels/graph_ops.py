@@ -21,13 +21,25 @@ LIB = Library(NAMESPACE, "FRAGMENT")  # the C++ kernels define the namespace's o
 Fn = TypeVar("Fn", bound=Callable)
 
 
-def graph_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable[[Fn], Fn]:
+def graph_op(
+    name: str, *, mutates_args: Sequence[str] = (), writes_cache: bool = False
+) -> Callable[[Fn], Fn]:
     """Register the decorated function as ``torch.ops.vllm_elastic.<name>`` (schema from
-    its annotations; ``mutates_args`` names the tensors it writes in place)."""
+    its annotations; ``mutates_args`` names the tensors it writes in place).
+
+    ``writes_cache``: the op also writes state outside its arguments (the KV cache, Mamba
+    state). It is marked side-effecting, so a compiled graph keeps it even where its
+    outputs go unused: a layer a budget skips still writes K/V and state, which the graph
+    would otherwise drop as dead code (its output feeds nothing).
+    """
 
     def register(fn: Fn) -> Fn:
         LIB.define(name + infer_schema(fn, mutates_args=tuple(mutates_args)))
         LIB.impl(name, fn, "CompositeExplicitAutograd")
+        if writes_cache:
+            from torch.fx.node import has_side_effect
+
+            has_side_effect(getattr(torch.ops.vllm_elastic, name).default)
         return fn
 
     return register

@@ -195,6 +195,9 @@ class ElasticAttention(nn.Module):
             k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
+        if not read:  # every segment skips the layer: K/V only, for a larger budget
+            cpu_attention.write_kv(self.attn, k, v)
+            return [None] * len(segments)
         out = None
         if own:
             q_read = q[:, : groups * self.group * self.head_dim]
