@@ -9,11 +9,12 @@ Per engine and budget, reported: KV bytes per token (KV cache bytes / the tokens
 allocated for them), the number of requests the cache holds (vLLM's own capacity: KV
 blocks / blocks per request), the most requests the scheduler ran at once and the
 preemptions it made (observed on the warm-up run), and output tokens/s. The elastic
-engine writes K/V at the parent's width for every budget, so a small-budget request
-occupies what a full one does; the slice (stock vLLM at its default settings, compiled)
-holds only its own heads. "Projected" is what a request whose budget never changes
-would hold if the engine stored only its budget's K/V (the budget's own bytes per token
-from the cost model) -- not something the engine does today.
+engine writes K/V at the parent's width for every budget by default, so a small-budget
+request occupies what a full one does; the slice (stock vLLM at its default settings,
+compiled) holds only its own heads. "Projected" is what a request whose budget never
+changes holds if only its budget's K/V is stored (the budget's own bytes per token from
+the cost model); the elastic engine with ``kv_layout: per-budget`` (a third engine,
+"per-budget") stores exactly that.
 
     python benchmarks/bench_kv_bound.py [--quick]
 """
@@ -48,18 +49,26 @@ def kv_bytes(ckpt: c.Checkpoint, held: int, tokens: int) -> int:
     return (held * blocked(tokens) + BLOCK) * per_token
 
 
-def capacity(llm: Any, tokens: int) -> dict[str, Any]:
+def capacity(llm: Any, tokens: int, stored: float = 1.0) -> dict[str, Any]:
     """vLLM's KV blocks, the bytes one token's K/V occupies, and the whole requests of
-    ``tokens`` tokens the cache holds (in-process engine: its scheduler's KV config)."""
+    ``tokens`` tokens the cache holds (in-process engine: its scheduler's KV config).
+    ``stored``: the fraction of the KV-cache groups a request holds blocks in (the
+    per-budget layout: its budget's KV heads / the parent's; else 1)."""
     config = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
     size = llm.llm_engine.vllm_config.cache_config.block_size
-    allocated = sum(t.size for t in config.kv_cache_tensors)
+    # bytes per token of each KV-cache group (its layers' pages; the per-budget layout's
+    # groups overlay one allocation, each block id owned by one group)
+    per_group = [
+        g.kv_cache_spec.page_size_bytes * len(g.layer_names) / size for g in config.kv_cache_groups
+    ]
+    groups = round(stored * len(per_group))  # a request's blocks per block of tokens
     return {
         "kv_blocks": config.num_blocks,
+        "kv_cache_groups": len(per_group),
         "block_size": size,
-        "kv_bytes_per_token": round(allocated / (config.num_blocks * size), 1),
+        "kv_bytes_per_token": round(sum(per_group[:groups]), 1),
         # less the null block the block pool keeps back
-        "requests_held": (config.num_blocks - 1) // math.ceil(tokens / size),
+        "requests_held": (config.num_blocks - 1) // (groups * math.ceil(tokens / size)),
     }
 
 
@@ -81,8 +90,10 @@ def observe(llm: Any, requests: list) -> dict[str, int]:
     return {"peak_running": peak, "preemptions": sum(preempted.values())}
 
 
-def measure(llm: Any, requests: list, tokens: int, repeats: int) -> dict[str, Any]:
-    info = {**capacity(llm, tokens), **observe(llm, requests)}
+def measure(
+    llm: Any, requests: list, tokens: int, repeats: int, stored: float = 1.0
+) -> dict[str, Any]:
+    info = {**capacity(llm, tokens, stored), **observe(llm, requests)}
     res = c.measure(llm, requests, repeats, warmup=0)
     return {**info, **res.summary()}
 
@@ -103,13 +114,22 @@ def run(ckpt: c.Checkpoint, settings: c.Settings) -> dict[str, Any]:
 
     out: dict[str, Any] = {"workload": {"held_full": held, "prompt": p, "output": m,
                                         "requests": len(prompts), **engine_kw}}  # fmt: skip
-    out["engines"], out["elastic"], out["stock"] = {}, {}, {}
+    out["engines"], out["elastic"], out["stock"], out["per_budget"] = {}, {}, {}, {}
     c.log(f"elastic engine {ckpt.path}")
     with c.engine(ckpt.path, **engine_kw) as llm:
         out["engines"]["elastic"] = c.engine_info(llm)
         for b in ckpt.budgets:
             c.log(f"  elastic {b}")
             out["elastic"][b] = measure(llm, requests(b), tokens, settings.repeats)
+    c.log(f"elastic engine, kv_layout per-budget {ckpt.path}")
+    per_budget = {"elastic": {"kv_layout": "per-budget"}}
+    with c.engine(ckpt.path, **engine_kw, additional_config=per_budget) as llm:
+        out["engines"]["per_budget"] = c.engine_info(llm)
+        parent_kv = ckpt.info["num_key_value_heads"]
+        for b in ckpt.budgets:
+            c.log(f"  per-budget {b}")
+            stored = ckpt.budget(b)["num_key_value_heads"] / parent_kv
+            out["per_budget"][b] = measure(llm, requests(b), tokens, settings.repeats, stored)
     for b in ckpt.budgets:
         c.log(f"stock engine (default): {ckpt.sliced[b]}")
         with c.engine(ckpt.sliced[b], **engine_kw) as llm:
@@ -124,14 +144,17 @@ def rows(ckpt: c.Checkpoint, res: dict[str, Any]) -> list[dict[str, Any]]:
     per_request = blocked(tokens)
     out = []
     for b in ckpt.budgets:
-        e, s = res["elastic"][b], res["stock"][b]
+        e, s, pb = res["elastic"][b], res["stock"][b], res["per_budget"][b]
         own = ckpt.budget(b)["kv_bytes_per_token"]
         out.append({
             "budget": b,
             "elastic": e,
             "stock": s,
+            "per_budget": pb,
             "capacity_ratio": round(e["requests_held"] / s["requests_held"], 3),
             "throughput_ratio": round(e["tokens_per_s"] / s["tokens_per_s"], 3),
+            "per_budget_capacity_ratio": round(pb["requests_held"] / s["requests_held"], 3),
+            "per_budget_throughput_ratio": round(pb["tokens_per_s"] / s["tokens_per_s"], 3),
             "projected_bytes_per_token": own,
             "projected_requests_held": (kv // (own * BLOCK) - 1) // (per_request // BLOCK),
         })  # fmt: skip
@@ -141,19 +164,27 @@ def rows(ckpt: c.Checkpoint, res: dict[str, Any]) -> list[dict[str, Any]]:
 def table(rs: list[dict[str, Any]]) -> str:
     return c.md_table(
         [
-            "budget", "KV B/token elastic", "slice", "projected", "requests held elastic",
-            "slice", "projected", "peak running elastic", "slice", "preemptions elastic",
-            "slice", "tok/s elastic", "slice", "tok/s ratio", f">= {TARGET}",
+            "budget", "KV B/token elastic", "per-budget", "slice", "projected",
+            "requests held elastic", "per-budget", "slice", "projected",
+            "peak running elastic", "per-budget", "slice", "preemptions elastic",
+            "per-budget", "slice", "tok/s elastic", "per-budget", "slice",
+            "tok/s ratio elastic", f">= {TARGET}", "per-budget", f">= {TARGET}",
         ],
         [
             (
-                r["budget"], r["elastic"]["kv_bytes_per_token"], r["stock"]["kv_bytes_per_token"],
+                r["budget"], r["elastic"]["kv_bytes_per_token"],
+                r["per_budget"]["kv_bytes_per_token"], r["stock"]["kv_bytes_per_token"],
                 r["projected_bytes_per_token"], r["elastic"]["requests_held"],
-                r["stock"]["requests_held"], r["projected_requests_held"],
-                r["elastic"]["peak_running"], r["stock"]["peak_running"],
-                r["elastic"]["preemptions"], r["stock"]["preemptions"],
-                r["elastic"]["tokens_per_s"], r["stock"]["tokens_per_s"],
+                r["per_budget"]["requests_held"], r["stock"]["requests_held"],
+                r["projected_requests_held"],
+                r["elastic"]["peak_running"], r["per_budget"]["peak_running"],
+                r["stock"]["peak_running"], r["elastic"]["preemptions"],
+                r["per_budget"]["preemptions"], r["stock"]["preemptions"],
+                r["elastic"]["tokens_per_s"], r["per_budget"]["tokens_per_s"],
+                r["stock"]["tokens_per_s"],
                 r["throughput_ratio"], c.verdict(r["throughput_ratio"], TARGET),
+                r["per_budget_throughput_ratio"],
+                c.verdict(r["per_budget_throughput_ratio"], TARGET),
             )
             for r in rs
         ],
@@ -173,8 +204,10 @@ def main() -> None:
         f"model holds {w['held_full']} requests of {w['prompt']}+{w['output']} tokens); "
         f"{w['requests']} requests submitted at once, max_num_seqs {w['max_num_seqs']}. "
         "Slice = stock vLLM at its default settings (compiled) on the budget's sliced "
-        "checkpoint. Projected = a non-switching request holding only its budget's K/V "
-        "(cost model; the engine does not do this today)."
+        "checkpoint. Elastic = the default K/V layout (every budget writes the parent's "
+        "KV heads); per-budget = the same engine with kv_layout per-budget (a request "
+        "stores the KV groups of its budgets). Projected = a non-switching request "
+        "holding only its budget's K/V (cost model)."
     )
     names = [r["budget"] for r in rs]
     plot = c.bar_plot(
@@ -182,6 +215,7 @@ def main() -> None:
         names,
         {
             "elastic tok/s": [r["elastic"]["tokens_per_s"] for r in rs],
+            "per-budget KV tok/s": [r["per_budget"]["tokens_per_s"] for r in rs],
             "slice tok/s": [r["stock"]["tokens_per_s"] for r in rs],
         },
         "output tokens/s",

@@ -122,6 +122,17 @@ def kv_bound_rows(data: dict) -> list[tuple]:
                 r["throughput_ratio"] >= 0.95,
             )
         )
+        if "per_budget" in r:
+            pb = r["per_budget"]
+            out.append(
+                _target_row(
+                    f"fixed KV cache, budget {b}, kv_layout per-budget: tok/s elastic/slice "
+                    f"(requests held {pb['requests_held']} vs {s['requests_held']})",
+                    r["per_budget_throughput_ratio"],
+                    ">= 0.95",
+                    r["per_budget_throughput_ratio"] >= 0.95,
+                )
+            )
     return out
 
 

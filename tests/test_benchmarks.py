@@ -73,7 +73,8 @@ def test_quick_benchmarks_run_and_agree_with_stock():
     assert memory["per_budget_packing_vs_full"] > 1.5
 
     # fixed KV cache: every elastic budget holds full-width K/V, each slice only its own
-    kv = _load(QUICK / "kv_bound.json")["rows"]
+    kv_json = _load(QUICK / "kv_bound.json")
+    kv = kv_json["rows"]
     full_width = kv[0]["stock"]["kv_bytes_per_token"]
     for row in kv:
         e, s = row["elastic"], row["stock"]
@@ -81,6 +82,16 @@ def test_quick_benchmarks_run_and_agree_with_stock():
         assert s["kv_bytes_per_token"] == row["projected_bytes_per_token"], row["budget"]
         assert e["requests_held"] == kv[0]["stock"]["requests_held"], row["budget"]
     assert kv[-1]["stock"]["requests_held"] > kv[-1]["elastic"]["requests_held"]
+    # kv_layout per-budget: a non-switching request holds its budget's KV heads (in every
+    # layer: the quick preset's small budget also skips one, which its slice does not hold)
+    heads = {b["name"]: b["num_key_value_heads"] for b in kv_json["meta"]["model"]["budgets"]}
+    parent = kv_json["meta"]["model"]["num_key_value_heads"]
+    for row in kv:
+        pb = row["per_budget"]
+        assert pb["kv_bytes_per_token"] == full_width * heads[row["budget"]] / parent
+        assert pb["requests_held"] >= row["elastic"]["requests_held"], row["budget"]
+    assert kv[0]["per_budget"]["requests_held"] == kv[0]["stock"]["requests_held"]
+    assert kv[-1]["per_budget"]["requests_held"] > kv[-1]["elastic"]["requests_held"]
 
     # an engine serving two budgets decodes the full one exactly like stock vLLM
     for row in _load(QUICK / "serve_budgets.json")["rows"]:

@@ -98,6 +98,7 @@ def test_register_is_idempotent_and_blocks_transformers_fallback(elastic_llm):
         ({"mlp_window": 0}, r"elastic.mlp_window: expected an int >= 1"),
         ({"mixed_graphs": "yes"}, r"elastic.mixed_graphs: expected true or false"),
         ({"mamba_decode": "fast"}, r"elastic.mamba_decode: expected one of auto, kernel, vllm"),
+        ({"kv_layout": "per_budget"}, r"elastic.kv_layout: expected one of parent, per-budget"),
         ({"elastic_budget": "huge"}, r"unknown budget 'huge'"),
         ({"serve_budgets": "full"}, r"elastic.serve_budgets: expected a non-empty list"),
         ({"serve_budgets": ["full", "huge"]}, r"serve_budgets: unknown budget\(s\) \['huge'\]"),
@@ -153,13 +154,18 @@ def test_a_missing_budget_tracker_fails_loudly(checkpoint, engines, prompts):
         engines.close()
 
 
-def test_serve_budgets_flag_reaches_the_engine_section():
-    """``vllm-elastic serve --elastic-serve-budgets tiny,full`` becomes the engine option."""
+def test_serve_budgets_and_kv_layout_flags_reach_the_engine_section():
+    """``vllm-elastic serve --elastic-serve-budgets tiny,full --elastic-kv-layout
+    per-budget`` become the engine options; a bad layout is refused by the parser."""
     import argparse
 
     from vllm_elastic.cli.serve import add_policy_arguments, elastic_section
 
     parser = argparse.ArgumentParser()
     add_policy_arguments(parser)
-    args = parser.parse_args(["--elastic-serve-budgets", "tiny, full"])
-    assert elastic_section(args) == {"serve_budgets": ["tiny", "full"]}
+    args = parser.parse_args(
+        ["--elastic-serve-budgets", "tiny, full", "--elastic-kv-layout", "per-budget"]
+    )
+    assert elastic_section(args) == {"serve_budgets": ["tiny", "full"], "kv_layout": "per-budget"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--elastic-kv-layout", "per_budget"])

@@ -46,6 +46,26 @@ def _serve_only(hf_config: Any, names: tuple[str, ...]) -> None:
         )  # fmt: skip
 
 
+def _check_per_budget_kv(vllm_config: Any, spec: Any) -> None:
+    """Fail at start-up where ``kv_layout: per-budget`` cannot be honoured."""
+    from vllm_elastic.errors import ElasticConfigError
+
+    if "mamba_num_heads" in spec.parent.sizes:
+        raise ElasticConfigError(
+            "elastic.kv_layout per-budget: supported for attention-only families (Llama, "
+            "Qwen3); this checkpoint has Mamba layers, whose state vLLM allocates per layer"
+        )
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise ElasticConfigError(
+            "elastic.kv_layout per-budget needs vLLM's hybrid KV cache manager (one KV "
+            "cache group per KV-head group): drop --disable-hybrid-kv-cache-manager"
+        )
+    if vllm_config.kv_transfer_config is not None:
+        raise ElasticConfigError(
+            "elastic.kv_layout per-budget: KV transfer connectors are not supported"
+        )
+
+
 class ElasticModelConfig(VerifyAndUpdateConfig):
     """vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``) for elastic models."""
 
@@ -64,6 +84,8 @@ class ElasticModelConfig(VerifyAndUpdateConfig):
             _serve_only(model_config.hf_config, options.serve_budgets)
         spec = model_config.hf_config.elastic_spec
         spec.check_tensor_parallel(vllm_config.parallel_config.tensor_parallel_size)
+        if options.kv_layout == "per-budget":
+            _check_per_budget_kv(vllm_config, spec)
         # Fail at start-up, not per request, on a bad engine-wide default policy.
         resolve_policy(spec, None, options.policy)
         if model_config.model_impl == "transformers":

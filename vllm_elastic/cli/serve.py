@@ -25,6 +25,7 @@ from vllm_elastic.spec.engine_options import (
     KV_MODES,
     PACKINGS,
 )
+from vllm_elastic.spec.kv_layout import KV_LAYOUTS
 
 POLICY_FLAGS = {
     "--elastic-budget": KEY_BUDGET,
@@ -56,6 +57,13 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve only these budgets of the checkpoint (must include the full one): "
         "fewer graphs to compile and, with nested packing, fewer GEMMs per projection",
     )
+    group.add_argument(
+        "--elastic-kv-layout",
+        choices=KV_LAYOUTS,
+        help="K/V storage: parent (default: every token writes every KV head) or "
+        "per-budget (a request stores only the KV heads of the budgets it can run at: "
+        "more requests fit in the KV cache; Llama/Qwen3)",
+    )
 
 
 def elastic_section(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,6 +79,8 @@ def elastic_section(args: argparse.Namespace) -> dict[str, Any]:
         section["weight_packing"] = args.elastic_weight_packing
     if getattr(args, "elastic_serve_budgets", None) is not None:
         section["serve_budgets"] = [n.strip() for n in args.elastic_serve_budgets.split(",")]
+    if getattr(args, "elastic_kv_layout", None) is not None:
+        section["kv_layout"] = args.elastic_kv_layout
     return section
 
 

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from vllm_elastic.compat.compile import is_compiling
 from vllm_elastic.kernels.graph_ops import fake_of, graph_op
 
-# scheduler metadata per (query heads, KV heads) of the current forward's attention
-# metadata, which is held here so that it is compared by identity, never by a reused id
-_CACHE: dict[str, Any] = {"meta": None, "by_heads": {}}
+# scheduler metadata per (query heads, KV heads) of recent attention metadata (one per
+# KV-cache group of a forward), held here so that each is compared by identity, never by
+# a reused id
+_CACHE: list[tuple[Any, dict[tuple[int, int], Any]]] = []
+_CACHE_SIZE = 16
 # layers found supported (kept: a layer's backend and cache never change once its ``isa``
 # is set, the last of the checked attributes to appear)
 _SUPPORTED: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -66,9 +68,12 @@ def _scheduler_metadata(
     import vllm.envs as envs
     from vllm import _custom_ops as ops
 
-    if _CACHE["meta"] is not meta:  # a new forward: the old entries are dead
-        _CACHE["meta"], _CACHE["by_heads"] = meta, {}
-    md = _CACHE["by_heads"].get((heads, kv_heads))
+    by_heads = next((d for m, d in _CACHE if m is meta), None)
+    if by_heads is None:  # new metadata (a new forward or another KV-cache group)
+        by_heads = {}
+        _CACHE.insert(0, (meta, by_heads))
+        del _CACHE[_CACHE_SIZE:]
+    md = by_heads.get((heads, kv_heads))
     if md is None:
         md = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=meta.seq_lens.shape[0],
@@ -85,7 +90,7 @@ def _scheduler_metadata(
             dynamic_causal=meta.dynamic_causal,
             kv_cache_dtype=attn.impl.kv_cache_dtype,
         )
-        _CACHE["by_heads"][(heads, kv_heads)] = md
+        by_heads[(heads, kv_heads)] = md
     return md
 
 
@@ -188,6 +193,18 @@ def attend_in_graph(
     return out
 
 
+def attend_all_heads(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over every head of ``attn`` (``q``, ``k``, ``v`` at its head counts; they
+    may be column slices): ``attend`` where it serves the layer, else vLLM's path."""
+    if is_compiling():
+        return attend_in_graph(attn, q, k, v, attn.num_kv_heads)
+    if supported(attn):
+        out = attend(attn, q, k, v, attn.num_kv_heads)
+        if out is not None:
+            return out
+    return attn(q, k, v)
+
+
 def _write(attn: Any, k: torch.Tensor, v: torch.Tensor) -> None:
     from vllm.model_executor.layers.attention.attention import get_attention_context
 
@@ -217,9 +234,10 @@ def _(k, v, layer_name) -> None:  # noqa: ANN001
 
 def write_kv(attn: Any, k: torch.Tensor, v: torch.Tensor) -> None:
     """Write K/V into ``attn``'s cache without attending: a layer no token of the batch
-    runs (its budgets skip it) still writes K/V for a larger budget to read. In a
-    compiled graph, a side-effecting op (vLLM's attention, whose output nothing reads
-    there, would be dropped as dead code)."""
+    runs (its budgets skip it), or a KV group none reads (``kv_layout: per-budget``),
+    still writes K/V for a larger budget to read. In a compiled graph, a side-effecting
+    op (vLLM's attention, whose output nothing reads there, would be dropped as dead
+    code)."""
     if is_compiling():
         torch.ops.vllm_elastic.write_kv(k, v, attn.layer_name)
     else:

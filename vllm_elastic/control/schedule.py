@@ -178,3 +178,17 @@ def budget_changes(
     changes, _ = phase_changes(tokens, resolved.markers)
     budget = {True: resolved.answer, False: resolved.think}
     return resolved.think, [(p, budget[a]) for p, a in changes], True
+
+
+def stored_budgets(
+    resolved: Resolved | None, prompt: Sequence[int], output: Sequence[int]
+) -> tuple[str, ...] | None:
+    """The budgets whose K/V a request's current blocks must serve (``kv_layout:
+    per-budget`` stores the widest one's KV groups): its budget for a ``single`` schedule
+    and each ``recompute`` pass, think and answer for ``reuse`` (its thinking tokens are
+    read by the answer). None for a request the frontend did not resolve (store all)."""
+    if resolved is None:
+        return None
+    if resolved.switches and resolved.kv_mode != "recompute":
+        return (resolved.think, resolved.answer)
+    return (budget_changes(resolved, prompt, output)[0],)

@@ -1,4 +1,5 @@
-"""Engine-core scheduler hook for ``elastic_kv_mode: recompute``.
+"""Engine-core scheduler hook for ``elastic_kv_mode: recompute`` (and, with ``kv_layout:
+per-budget``, the source of each request's stored KV groups: ``compat/kv_groups.py``).
 
 In ``recompute`` mode the answer phase must see K/V computed at the answer budget for the
 whole context (prompt + thinking), as if the larger model had read the trace. When a
@@ -26,8 +27,9 @@ from vllm_elastic.compat.scheduler import (
     scheduler_bases,
 )
 from vllm_elastic.control.markers import ends_with
-from vllm_elastic.control.schedule import Resolved
+from vllm_elastic.control.schedule import Resolved, stored_budgets
 from vllm_elastic.log import get_logger
+from vllm_elastic.spec import kv_layout
 from vllm_elastic.spec.engine_options import engine_options
 from vllm_elastic.spec.families import is_elastic_config
 
@@ -42,6 +44,21 @@ class RecomputeAtSwitch:
         self._elastic = is_elastic_config(self.vllm_config.model_config.hf_config)
         self._thinking: dict[str, tuple[Any, Resolved]] = {}  # recompute requests thinking
         self._due: set[str] = set()
+        if self._elastic and engine_options(self.vllm_config).kv_layout == "per-budget":
+            from vllm_elastic.compat.kv_groups import bind_scheduler
+
+            bind_scheduler(self, self._stored_kv_groups)
+
+    def _stored_kv_groups(self, request: Any) -> int | None:
+        """KV groups (``kv_layout: per-budget``) the request's blocks store; None: all."""
+        params = request.sampling_params
+        resolved = None if params is None else Resolved.from_extra_args(params.extra_args)
+        names = stored_budgets(resolved, request.prompt_token_ids, request.output_token_ids)
+        if names is None:
+            return None
+        spec = self.vllm_config.model_config.hf_config.elastic_spec
+        tp = self.vllm_config.parallel_config.tensor_parallel_size
+        return max(kv_layout.stored_groups(spec, spec.get(n), tp) for n in names)
 
     def add_request(self, request: Any) -> None:
         super().add_request(request)

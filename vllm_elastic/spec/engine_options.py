@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_elastic.errors import ElasticConfigError, ElasticPolicyError, short
+from vllm_elastic.spec.kv_layout import KV_LAYOUTS
 
 # -- request keys (also the engine's default policy) ---------------------------------
 KEY_BUDGET = "elastic_budget"
@@ -51,6 +52,9 @@ ENGINE_KEYS: dict[str, str] = {
     "packing fewer GEMMs",
     "mixed_graphs": "also compile a graph per mix of budgets at start-up (bool, default "
     "false: mixed batches run the routed eager forward)",
+    "kv_layout": f"K/V storage ({' | '.join(KV_LAYOUTS)}; parent: every token writes "
+    "every KV head, per-budget: a request stores the KV heads of the budgets it can run "
+    "at, attention-only families)",
     "base_scheduler_cls": "scheduler the recompute hook wraps (set from --scheduler-cls)",
 }
 
@@ -67,6 +71,7 @@ class EngineOptions:
     mamba_decode: str = "auto"
     mixed_graphs: bool = False
     serve_budgets: tuple[str, ...] | None = None  # None: every budget of the checkpoint
+    kv_layout: str = "parent"
     base_scheduler_cls: str | None = None
 
 
@@ -125,6 +130,11 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
             "elastic.serve_budgets: expected a non-empty list of distinct budget names, got "
             f"{short(served)}"
         )
+    kv_layout = section.get("kv_layout", "parent")
+    if kv_layout not in KV_LAYOUTS:
+        raise ElasticConfigError(
+            f"elastic.kv_layout: expected one of {', '.join(KV_LAYOUTS)}, got {short(kv_layout)}"
+        )
     base = section.get("base_scheduler_cls")
     if base is not None and not isinstance(base, str):
         raise ElasticConfigError(
@@ -140,6 +150,7 @@ def parse_engine_options(section: Mapping[str, Any]) -> EngineOptions:
         mamba_decode=mamba_decode,
         mixed_graphs=mixed,
         serve_budgets=None if served is None else tuple(served),
+        kv_layout=kv_layout,
         base_scheduler_cls=base,
     )
 

@@ -9,6 +9,11 @@ batch of one budget over its own heads only; elsewhere at the parent's head coun
 mixed batch discards the heads a budget drops (kept groups' extra heads are zeroed after
 attention). Either way a budget's kept heads see exactly the sliced model's attention.
 
+With ``kv_layout: per-budget`` (``spec/kv_layout.py``) the layer holds one vLLM attention
+per KV group, each its own KV-cache group: every group's K/V is written (to the null
+block for requests that do not store it) and the groups the batch reads are attended
+one by one (GQA groups are independent).
+
 Weight layout per tensor-parallel rank (``spec/layout.py``): ``qkv`` rows are
 ``[k | v | q]``, q grouped by local KV head, so every budget's rows are a prefix.
 """
@@ -26,11 +31,14 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 
 from vllm_elastic.compat import cpu_attention
 from vllm_elastic.compat.compile import is_compiling
+from vllm_elastic.compat.kv_groups import KVGroupAttention
 from vllm_elastic.models import scratch
 from vllm_elastic.models.layers.common import pack_linears, row_parallel_out, tp_rank_and_size
 from vllm_elastic.models.nested_linear import NestedLinear
 from vllm_elastic.models.routing import Segment, put, runs, stack, take, widen
+from vllm_elastic.spec import kv_layout
 from vllm_elastic.spec.budgets import Budget, ElasticSpec
+from vllm_elastic.spec.engine_options import engine_options
 from vllm_elastic.spec.layout import kv_rows_of_rank, q_rows_of_rank
 
 
@@ -93,15 +101,33 @@ class ElasticAttention(nn.Module):
             if rope
             else None
         )
-        self.attn = Attention(
-            self.n_q,
-            head_dim,
-            head_dim**-0.5,
-            num_kv_heads=self.n_kv,
-            cache_config=vllm_config.cache_config,
-            quant_config=None,
-            prefix=f"{prefix}.attn",
-        )
+        self.attn = self.group_attns = None
+        self.kv_width = self.n_kv
+        if engine_options(vllm_config).kv_layout == "per-budget":
+            self.kv_width = kv_layout.group_width(spec, self.tp_size)
+            self.group_attns = nn.ModuleList(
+                KVGroupAttention(
+                    self.kv_width * self.group,
+                    head_dim,
+                    head_dim**-0.5,
+                    num_kv_heads=self.kv_width,
+                    cache_config=vllm_config.cache_config,
+                    quant_config=None,
+                    prefix=f"{prefix}.attn_kv_{_letters(g)}",  # vLLM: one integer per name
+                    kv_group=g,
+                )
+                for g in range(self.n_kv // self.kv_width)
+            )
+        else:
+            self.attn = Attention(
+                self.n_q,
+                head_dim,
+                head_dim**-0.5,
+                num_kv_heads=self.n_kv,
+                cache_config=vllm_config.cache_config,
+                quant_config=None,
+                prefix=f"{prefix}.attn",
+            )
         self.cuts = [self._cut(b, p) for b in spec.budgets]
         kept = [c if c.kept else None for c in self.cuts]
         kv2 = 2 * self.kv_size
@@ -172,7 +198,10 @@ class ElasticAttention(nn.Module):
         # by the custom op at run time)
         read = [self.cuts[s.budget].kv_groups for s in segments if self.cuts[s.budget].kept]
         groups = max(read, default=self.n_kv)
-        own = groups < self.n_kv and (is_compiling() or cpu_attention.supported(self.attn))
+        if self.group_attns is not None:  # per-budget layout: attends group by group
+            own = bool(read)  # (a skipped layer's q is widened for the q norm)
+        else:
+            own = groups < self.n_kv and (is_compiling() or cpu_attention.supported(self.attn))
         if len(segments) == 1:
             k, v, q = qkv[:, :ks], qkv[:, ks : 2 * ks], qkv[:, 2 * ks :]
             if q.shape[1] != qs and not own:  # a skipped layer has no q columns at all
@@ -196,10 +225,15 @@ class ElasticAttention(nn.Module):
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
         if not read:  # every segment skips the layer: K/V only, for a larger budget
-            cpu_attention.write_kv(self.attn, k, v)
+            if self.group_attns is not None:
+                self._attend_groups(q, k, v, 0)
+            else:
+                cpu_attention.write_kv(self.attn, k, v)
             return [None] * len(segments)
         out = None
-        if own:
+        if self.group_attns is not None:
+            out = self._attend_groups(q, k, v, groups)
+        elif own:
             q_read = q[:, : groups * self.group * self.head_dim]
             attend = cpu_attention.attend_in_graph if is_compiling() else cpu_attention.attend
             out = attend(self.attn, q_read, k, v, groups)
@@ -220,6 +254,26 @@ class ElasticAttention(nn.Module):
         )
         return [next(o) if self.cuts[s.budget].kept else None for s in segments]
 
+    def _attend_groups(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read_heads: int
+    ) -> torch.Tensor | None:
+        """Per-budget layout: write every KV group's K/V, attend the first groups up to
+        ``read_heads`` KV heads; their output (None if the batch reads none)."""
+        w, hd = self.kv_width, self.head_dim
+        qw, kw = w * self.group * hd, w * hd
+        outs = []
+        for g, attn in enumerate(self.group_attns):
+            kg, vg = k[:, g * kw : (g + 1) * kw], v[:, g * kw : (g + 1) * kw]
+            if g * w < read_heads:
+                outs.append(
+                    cpu_attention.attend_all_heads(attn, q[:, g * qw : (g + 1) * qw], kg, vg)
+                )
+            else:
+                cpu_attention.write_kv(attn, kg, vg)
+        if not outs:
+            return None
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
     def _heads_of(self, seg: Segment, out: torch.Tensor) -> torch.Tensor:
         """The segment's attention output over its kept heads (dropped heads zeroed)."""
         cut = self.cuts[seg.budget]
@@ -229,3 +283,14 @@ class ElasticAttention(nn.Module):
             attn[:, :, cut.heads_per_group :] = 0
             attn = attn.view(attn.shape[0], -1)
         return attn
+
+
+def _letters(n: int) -> str:
+    """``n`` as letters (a, b, ..., z, ba, ...): vLLM reads a layer's index as the one
+    integer in its name."""
+    out = ""
+    while True:
+        out = chr(ord("a") + n % 26) + out
+        n //= 26
+        if not n:
+            return out
