@@ -157,6 +157,38 @@ def test_scheduler_internals():
     assert "self.cache_salt" in src
 
 
+def test_kv_group_spec_and_manager_hooks():
+    """``kv_groups``: the registry routes our spec to our manager, specs of different KV
+    groups never merge (so vLLM makes one KV-cache group each), and the manager methods
+    we override keep the arguments we pass on."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from vllm_elastic.compat.kv_groups import KVGroupManager, KVGroupSpec
+
+    specs = [KVGroupSpec(block_size=16, num_kv_heads=1, head_size=32, dtype=torch.float32,
+                         kv_group=g) for g in (0, 0, 1)]  # fmt: skip
+    assert KVCacheSpecRegistry.get_manager_class(specs[0]) is KVGroupManager
+    assert KVGroupSpec.merge(specs[:2]) == specs[0]
+    with pytest.raises(AssertionError):
+        KVGroupSpec.merge(specs)
+    assert not specs[0].is_uniform_with_collection({str(i): s for i, s in enumerate(specs)})
+    assert _params(FullAttentionManager.find_longest_cache_hit)[:7] == [
+        "block_hashes", "max_length", "kv_cache_group_ids", "block_pool", "kv_cache_spec",
+        "drop_eagle_block", "alignment_tokens",
+    ]  # fmt: skip
+    for name, first in (
+        ("get_num_blocks_to_allocate", ["self", "request_id", "num_tokens"]),
+        ("add_local_computed_blocks", ["self", "request_id", "new_computed_blocks"]),
+        ("allocate_new_blocks", ["self", "request_id", "num_tokens"]),
+        ("cache_blocks", ["self", "request", "num_tokens"]),
+        ("pop_blocks_for_free", ["self", "request_id"]),
+    ):
+        assert _params(getattr(FullAttentionManager, name))[: len(first)] == first, name
+    assert _params(KVCacheManager.get_computed_blocks)[:2] == ["self", "request"]
+
+
 def test_cpu_attention_kernel_and_layout():
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.attention import attention

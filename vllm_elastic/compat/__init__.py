@@ -13,6 +13,7 @@ that fails when vLLM changes the shape it relies on:
 ``thinking_budget``       fix of ``ThinkingBudgetStateHolder.sync_batch`` (a vLLM 0.32 bug)
 ``scheduler``             scheduler internals for the ``recompute`` re-prefill
 ``cpu_attention``         the CPU attention kernel on a budget's own KV heads
+``kv_groups``             KV-cache spec registry and full-attention manager: per-budget K/V
 ``forward_context``       tokens per batch row from the forward's attention metadata
 ``logits``                ``LogitsProcessor`` privates for narrower lm_head widths
 ``cpu_kernels``           ``_C.onednn_mm`` / ``_C.rms_norm`` / ``_C.fused_add_rms_norm``
