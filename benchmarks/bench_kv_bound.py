@@ -26,6 +26,8 @@ from typing import Any
 
 import common as c
 
+from vllm_elastic.spec import kv_layout
+
 TARGET = 0.95
 FULL_REQUESTS = 16  # requests of P+M tokens the full model's KV holds (quick: 4)
 REQUESTS_PER_FULL = 4  # submitted requests per request the full model holds
@@ -49,11 +51,11 @@ def kv_bytes(ckpt: c.Checkpoint, held: int, tokens: int) -> int:
     return (held * blocked(tokens) + BLOCK) * per_token
 
 
-def capacity(llm: Any, tokens: int, stored: float = 1.0) -> dict[str, Any]:
+def capacity(llm: Any, tokens: int, groups: int = 1) -> dict[str, Any]:
     """vLLM's KV blocks, the bytes one token's K/V occupies, and the whole requests of
     ``tokens`` tokens the cache holds (in-process engine: its scheduler's KV config).
-    ``stored``: the fraction of the KV-cache groups a request holds blocks in (the
-    per-budget layout: its budget's KV heads / the parent's; else 1)."""
+    ``groups``: the KV-cache groups a request holds blocks in (the per-budget layout: its
+    budget's stored KV groups; else the one group)."""
     config = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
     size = llm.llm_engine.vllm_config.cache_config.block_size
     # bytes per token of each KV-cache group (its layers' pages; the per-budget layout's
@@ -61,7 +63,6 @@ def capacity(llm: Any, tokens: int, stored: float = 1.0) -> dict[str, Any]:
     per_group = [
         g.kv_cache_spec.page_size_bytes * len(g.layer_names) / size for g in config.kv_cache_groups
     ]
-    groups = round(stored * len(per_group))  # a request's blocks per block of tokens
     return {
         "kv_blocks": config.num_blocks,
         "kv_cache_groups": len(per_group),
@@ -90,10 +91,8 @@ def observe(llm: Any, requests: list) -> dict[str, int]:
     return {"peak_running": peak, "preemptions": sum(preempted.values())}
 
 
-def measure(
-    llm: Any, requests: list, tokens: int, repeats: int, stored: float = 1.0
-) -> dict[str, Any]:
-    info = {**capacity(llm, tokens, stored), **observe(llm, requests)}
+def measure(llm: Any, requests: list, tokens: int, repeats: int, groups: int = 1) -> dict[str, Any]:
+    info = {**capacity(llm, tokens, groups), **observe(llm, requests)}
     res = c.measure(llm, requests, repeats, warmup=0)
     return {**info, **res.summary()}
 
@@ -125,11 +124,11 @@ def run(ckpt: c.Checkpoint, settings: c.Settings) -> dict[str, Any]:
     per_budget = {"elastic": {"kv_layout": "per-budget"}}
     with c.engine(ckpt.path, **engine_kw, additional_config=per_budget) as llm:
         out["engines"]["per_budget"] = c.engine_info(llm)
-        parent_kv = ckpt.info["num_key_value_heads"]
+        spec = llm.llm_engine.vllm_config.model_config.hf_config.elastic_spec
         for b in ckpt.budgets:
             c.log(f"  per-budget {b}")
-            stored = ckpt.budget(b)["num_key_value_heads"] / parent_kv
-            out["per_budget"][b] = measure(llm, requests(b), tokens, settings.repeats, stored)
+            groups = kv_layout.stored_groups(spec, spec.get(b))  # the engine's own rule
+            out["per_budget"][b] = measure(llm, requests(b), tokens, settings.repeats, groups)
     for b in ckpt.budgets:
         c.log(f"stock engine (default): {ckpt.sliced[b]}")
         with c.engine(ckpt.sliced[b], **engine_kw) as llm:

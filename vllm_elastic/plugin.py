@@ -49,8 +49,9 @@ def _serve_only(hf_config: Any, names: tuple[str, ...]) -> None:
 def _check_per_budget_kv(vllm_config: Any, spec: Any) -> None:
     """Fail at start-up where ``kv_layout: per-budget`` cannot be honoured."""
     from vllm_elastic.errors import ElasticConfigError
+    from vllm_elastic.spec.state import HEADS as MAMBA_HEADS
 
-    if "mamba_num_heads" in spec.parent.sizes:
+    if MAMBA_HEADS in spec.parent.sizes:
         raise ElasticConfigError(
             "elastic.kv_layout per-budget: supported for attention-only families (Llama, "
             "Qwen3); this checkpoint has Mamba layers, whose state vLLM allocates per layer"

@@ -112,6 +112,17 @@ def _own_kv_views(
     return pair
 
 
+def _update_cache(
+    impl: Any, layer: Any, kv_cache: torch.Tensor, slots: torch.Tensor | None,
+    k: torch.Tensor, v: torch.Tensor,
+) -> None:  # fmt: skip
+    """Write ``k`` / ``v`` (every KV head of the layer) at ``slots``: what vLLM's
+    ``unified_kv_cache_update`` does, without its lookups."""
+    if slots is not None:
+        n_kv, hd = impl.num_kv_heads, impl.head_size
+        impl.do_kv_cache_update(layer, k.view(-1, n_kv, hd), v.view(-1, n_kv, hd), kv_cache, slots)
+
+
 def attend(
     attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_groups: int,
     out: torch.Tensor | None = None,
@@ -133,8 +144,7 @@ def attend(
     impl = attn.impl
     hd, n_kv = impl.head_size, impl.num_kv_heads
     heads = q.shape[1] // hd
-    if slots is not None:  # what vLLM's unified_kv_cache_update does, without its lookups
-        impl.do_kv_cache_update(layer, k.view(-1, n_kv, hd), v.view(-1, n_kv, hd), kv_cache, slots)
+    _update_cache(impl, layer, kv_cache, slots, k, v)
     n = meta.num_actual_tokens
     key_cache, value_cache = _own_kv_views(layer, kv_cache, n_kv, kv_groups)
     if out is None:
@@ -210,11 +220,8 @@ def _write(attn: Any, k: torch.Tensor, v: torch.Tensor) -> None:
 
     if supported(attn):
         meta, layer, kv_cache, slots = get_attention_context(attn.layer_name)
-        if meta is not None and slots is not None:
-            n_kv, hd = attn.impl.num_kv_heads, attn.impl.head_size
-            attn.impl.do_kv_cache_update(
-                layer, k.view(-1, n_kv, hd), v.view(-1, n_kv, hd), kv_cache, slots
-            )
+        if meta is not None:
+            _update_cache(attn.impl, layer, kv_cache, slots, k, v)
         return
     attn(k.new_zeros(k.shape[0], attn.num_heads * attn.head_size), k, v)
 

@@ -116,7 +116,7 @@ class ElasticAttention(nn.Module):
                     prefix=f"{prefix}.attn_kv_{_letters(g)}",  # vLLM: one integer per name
                     kv_group=g,
                 )
-                for g in range(self.n_kv // self.kv_width)
+                for g in range(kv_layout.num_groups(spec, self.tp_size))
             )
         else:
             self.attn = Attention(
