@@ -86,6 +86,36 @@ def test_a_request_holds_blocks_only_in_its_stored_groups(elastic_llm, prompts):
     assert pool.get_num_free_blocks() == free
 
 
+def _null_block_sums(llm: Any, zero: bool = False) -> list[float]:
+    """Per KV-group attention layer: the absolute sum of its cache's block 0 (vLLM's null
+    block, where a request that does not store the group has its slots); ``zero`` clears
+    it first."""
+    from vllm_elastic.compat.kv_groups import KVGroupAttention
+
+    def sums(model: Any) -> list[float]:
+        layers = [m for m in model.modules() if isinstance(m, KVGroupAttention)]
+        if zero:
+            for m in layers:
+                m.kv_cache[0].zero_()
+        return [float(m.kv_cache[0].abs().sum()) for m in layers]
+
+    return llm.apply_model(sums)[0]
+
+
+def test_a_group_no_request_of_the_batch_stores_is_not_written(elastic_llm, prompts):
+    """Small-budget batches (small stores 2 of the 4 KV groups, its requests hold the null
+    block in the others) write no K/V for groups 2 and 3: the null block stays untouched.
+    A mixed batch writes them (its full-budget rows store them), so the small rows' K/V
+    land in the null block there: the check sees writes."""
+    llm = per_budget_llm(elastic_llm)
+    layers = llm.llm_engine.model_config.hf_config.num_hidden_layers
+    assert len(_null_block_sums(llm, zero=True)) == 4 * layers
+    greedy(llm, prompts, [{"elastic_budget": "small"}] * len(prompts), 6)
+    assert not any(_null_block_sums(llm)), _null_block_sums(llm)
+    greedy(llm, prompts[:2], [{"elastic_budget": "small"}, {"elastic_budget": "full"}], 6)
+    assert any(_null_block_sums(llm))
+
+
 def _generate_one(llm: Any, prompt: list[int], extra: dict[str, Any]) -> Any:
     from vllm import SamplingParams
 

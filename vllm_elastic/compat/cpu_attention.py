@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from vllm_elastic.compat.compile import is_compiling
 from vllm_elastic.kernels.graph_ops import fake_of, graph_op
 
-# scheduler metadata per (query heads, KV heads) of recent attention metadata (one per
-# KV-cache group of a forward), held here so that each is compared by identity, never by
-# a reused id
+# what was derived from recent attention metadata (one per KV-cache group of a forward:
+# scheduler metadata per (query heads, KV heads), whether its slots are all null), held
+# here so that each is compared by identity, never by a reused id
 _CACHE: list[tuple[Any, dict[tuple[int, int], Any]]] = []
 _CACHE_SIZE = 16
 # layers found supported (kept: a layer's backend and cache never change once its ``isa``
@@ -62,17 +62,35 @@ def supported(attn: Any) -> bool:
     return ok
 
 
+def _of_meta(meta: Any) -> dict[Any, Any]:
+    """What this module derived from one attention metadata (one forward, one KV-cache
+    group): kept for the group's other layers."""
+    derived = next((d for m, d in _CACHE if m is meta), None)
+    if derived is None:  # new metadata (a new forward or another KV-cache group)
+        derived = {}
+        _CACHE.insert(0, (meta, derived))
+        del _CACHE[_CACHE_SIZE:]
+    return derived
+
+
+def _only_null_slots(meta: Any, slots: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether every token's slot lies in vLLM's null block (block 0: the block a request
+    gets in a KV group it does not store, ``kv_layout: per-budget``; -1 pads): then the
+    batch stores nothing in this group and its K/V need not be written."""
+    derived = _of_meta(meta)
+    null = derived.get("null_only")
+    if null is None:  # threshold: one kernel block, at most vLLM's block (conservative)
+        null = derived["null_only"] = bool(slots.numel() == 0 or slots.max() < kv_cache.size(2))
+    return null
+
+
 def _scheduler_metadata(
     meta: Any, attn: Any, heads: int, kv_heads: int, dtype: torch.dtype
 ) -> torch.Tensor:
     import vllm.envs as envs
     from vllm import _custom_ops as ops
 
-    by_heads = next((d for m, d in _CACHE if m is meta), None)
-    if by_heads is None:  # new metadata (a new forward or another KV-cache group)
-        by_heads = {}
-        _CACHE.insert(0, (meta, by_heads))
-        del _CACHE[_CACHE_SIZE:]
+    by_heads = _of_meta(meta)
     md = by_heads.get((heads, kv_heads))
     if md is None:
         md = ops.cpu_attn_get_scheduler_metadata(
@@ -203,16 +221,16 @@ def attend_in_graph(
     return out
 
 
-def attend_all_heads(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention over every head of ``attn`` (``q``, ``k``, ``v`` at its head counts; they
-    may be column slices): ``attend`` where it serves the layer, else vLLM's path."""
+def attend_heads(
+    attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_groups: int
+) -> torch.Tensor | None:
+    """Attention of ``q``'s heads (the first ``kv_groups`` KV groups') over ``attn``'s
+    cache, writing all of ``k`` / ``v``: in a compiled graph the ``own_heads_attention``
+    node, else ``attend`` where it serves the layer; None where the caller must run vLLM's
+    path (``attn`` itself, at its head counts)."""
     if is_compiling():
-        return attend_in_graph(attn, q, k, v, attn.num_kv_heads)
-    if supported(attn):
-        out = attend(attn, q, k, v, attn.num_kv_heads)
-        if out is not None:
-            return out
-    return attn(q, k, v)
+        return attend_in_graph(attn, q, k, v, kv_groups)
+    return attend(attn, q, k, v, kv_groups) if supported(attn) else None
 
 
 def _write(attn: Any, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -220,7 +238,7 @@ def _write(attn: Any, k: torch.Tensor, v: torch.Tensor) -> None:
 
     if supported(attn):
         meta, layer, kv_cache, slots = get_attention_context(attn.layer_name)
-        if meta is not None:
+        if meta is not None and slots is not None and not _only_null_slots(meta, slots, kv_cache):
             _update_cache(attn.impl, layer, kv_cache, slots, k, v)
         return
     attn(k.new_zeros(k.shape[0], attn.num_heads * attn.head_size), k, v)

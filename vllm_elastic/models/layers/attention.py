@@ -10,9 +10,9 @@ mixed batch discards the heads a budget drops (kept groups' extra heads are zero
 attention). Either way a budget's kept heads see exactly the sliced model's attention.
 
 With ``kv_layout: per-budget`` (``spec/kv_layout.py``) the layer holds one vLLM attention
-per KV group, each its own KV-cache group: every group's K/V is written (to the null
-block for requests that do not store it) and the groups the batch reads are attended
-one by one (GQA groups are independent).
+per KV group, each its own KV-cache group: the groups the batch reads are attended one
+by one (GQA groups are independent); the others' K/V are written where a request of
+the batch stores them (a request that does not has its slots in vLLM's null block).
 
 Weight layout per tensor-parallel rank (``spec/layout.py``): ``qkv`` rows are
 ``[k | v | q]``, q grouped by local KV head, so every budget's rows are a prefix.
@@ -235,8 +235,7 @@ class ElasticAttention(nn.Module):
             out = self._attend_groups(q, k, v, groups)
         elif own:
             q_read = q[:, : groups * self.group * self.head_dim]
-            attend = cpu_attention.attend_in_graph if is_compiling() else cpu_attention.attend
-            out = attend(self.attn, q_read, k, v, groups)
+            out = cpu_attention.attend_heads(self.attn, q_read, k, v, groups)
         if out is None:
             out = self.attn(widen(q, qs) if q.shape[1] != qs else q, k, v)
         kept = [s for s in segments if self.cuts[s.budget].kept]
@@ -265,9 +264,9 @@ class ElasticAttention(nn.Module):
         for g, attn in enumerate(self.group_attns):
             kg, vg = k[:, g * kw : (g + 1) * kw], v[:, g * kw : (g + 1) * kw]
             if g * w < read_heads:
-                outs.append(
-                    cpu_attention.attend_all_heads(attn, q[:, g * qw : (g + 1) * qw], kg, vg)
-                )
+                qg = q[:, g * qw : (g + 1) * qw]
+                out = cpu_attention.attend_heads(attn, qg, kg, vg, w)
+                outs.append(attn(qg, kg, vg) if out is None else out)
             else:
                 cpu_attention.write_kv(attn, kg, vg)
         if not outs:
