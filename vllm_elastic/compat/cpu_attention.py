@@ -29,7 +29,7 @@ from vllm_elastic.kernels.graph_ops import fake_of, graph_op
 # what was derived from recent attention metadata (one per KV-cache group of a forward:
 # scheduler metadata per (query heads, KV heads), whether its slots are all null), held
 # here so that each is compared by identity, never by a reused id
-_CACHE: list[tuple[Any, dict[tuple[int, int], Any]]] = []
+_CACHE: list[tuple[Any, dict[Any, Any]]] = []
 _CACHE_SIZE = 16
 # layers found supported (kept: a layer's backend and cache never change once its ``isa``
 # is set, the last of the checked attributes to appear)
