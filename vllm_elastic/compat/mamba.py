@@ -246,18 +246,31 @@ def _prefill(
     params: dict[str, torch.Tensor], groups: int, conv_state: torch.Tensor,
     ssm_state: torch.Tensor,
 ) -> None:  # fmt: skip
-    """Prefill tokens at every head of ``out``, with vLLM's conv and chunk-scan kernels."""
-    from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn
-
+    """Prefill tokens at every head of ``out``: the conv in one call on CPU
+    (``kernels/causal_conv1d.py``; vLLM's CPU kernel loops over sequences), vLLM's conv
+    elsewhere, then the chunk scan."""
     heads, head_dim = out.shape[1], out.shape[2]
     bc = params["conv_weight"].shape[0] - heads * head_dim
     xbc, dt = _xbc_dt(proj, heads, head_dim, bc)
-    y = causal_conv1d_fn(
-        xbc.transpose(0, 1), params["conv_weight"], params["conv_bias"],
-        activation=mixer.activation, conv_states=conv_state,
-        has_initial_state=md.has_initial_states_p, cache_indices=md.state_indices_tensor_p,
-        metadata=md, query_start_loc=md.query_start_loc_p,
-    ).transpose(0, 1)[: proj.shape[0]]  # fmt: skip
+    if proj.device.type == "cpu":
+        from vllm.v1.attention.backends.utils import PAD_SLOT_ID
+
+        from vllm_elastic.kernels.causal_conv1d import causal_conv1d_prefill
+
+        y = causal_conv1d_prefill(
+            xbc, params["conv_weight"], params["conv_bias"], conv_state,
+            md.query_start_loc_p, md.state_indices_tensor_p, md.has_initial_states_p,
+            mixer.activation in ("silu", "swish"), PAD_SLOT_ID,
+        )  # fmt: skip
+    else:
+        from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn
+
+        y = causal_conv1d_fn(
+            xbc.transpose(0, 1), params["conv_weight"], params["conv_bias"],
+            activation=mixer.activation, conv_states=conv_state,
+            has_initial_state=md.has_initial_states_p, cache_indices=md.state_indices_tensor_p,
+            metadata=md, query_start_loc=md.query_start_loc_p,
+        ).transpose(0, 1)[: proj.shape[0]]  # fmt: skip
     x, b, c = _split(y, heads, head_dim, groups)
     initial = None
     if md.has_initial_states_p is not None and md.prep_initial_states:
