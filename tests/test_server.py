@@ -6,11 +6,6 @@ input, and a bounded concurrent load whose every output equals the offline run."
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +14,7 @@ import openai
 import pytest
 import requests
 from conftest import generate_greedy
+from serving import served
 
 pytestmark = pytest.mark.server
 
@@ -29,12 +25,6 @@ PACKING = "per-budget"  # not the CPU default: checks the flag reaches the model
 SERVED_BUDGETS = ["full", "kv_half", "tiny"]  # the checkpoint's q_thin is not served
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_log(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server") / "server.log"
@@ -42,11 +32,8 @@ def server_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, server_log) -> Any:
-    port = _free_port()
-    log = server_log
-    cmd = [
-        sys.executable, "-m", "vllm_elastic.cli", "serve", str(checkpoint(NAME)),
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED,
+    args = [
+        "--served-model-name", SERVED,
         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
         "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "32",
         "--reasoning-parser", "qwen3",
@@ -54,29 +41,8 @@ def server(checkpoint, server_log) -> Any:
         "--elastic-weight-packing", PACKING,
         "--elastic-serve-budgets", ",".join(SERVED_BUDGETS),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log).read_text()}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(2)
-    else:
-        proc.kill()
-        raise RuntimeError(f"server did not start:\n{Path(log).read_text()[-4000:]}")
-    yield base
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with served(checkpoint(NAME), args, server_log) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

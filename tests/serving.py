@@ -1,0 +1,58 @@
+"""Start ``vllm-elastic serve`` as a user would (a subprocess on a free local port) and
+stop it: shared by the server tests of every family."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+START_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(model: Path, args: list[str], log: Path) -> Iterator[str]:
+    """``vllm-elastic serve model *args`` on 127.0.0.1 (engine in its own process, as
+    ``vllm serve`` runs it), logging to ``log``; yields the base URL once /health answers."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm_elastic.cli", "serve", str(model),
+           "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + START_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
