@@ -36,10 +36,10 @@ def causal_conv1d_prefill(
     n = cu.numel() - 1
     lens = cu[1:] - cu[:-1]
     slots = cache_indices.to(device=dev, dtype=torch.long)
-    seq = torch.repeat_interleave(torch.arange(n, device=dev), lens, output_size=tokens)
     taps = torch.arange(s, device=dev)
     shift = torch.arange(n, device=dev) * s  # sequence i sits i*s columns right of its tokens
-    x_cols = torch.arange(tokens, device=dev) + shift[seq] + s
+    x_cols = torch.arange(tokens, device=dev) + s
+    x_cols += torch.repeat_interleave(shift, lens, output_size=tokens)
     init_cols = (cu[:-1] + shift)[:, None] + taps  # [n, s]
     last_cols = (cu[1:] + shift)[:, None] + taps  # the last s columns of each segment
 
