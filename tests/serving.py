@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -56,3 +57,28 @@ def served(model: Path, args: list[str], log: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def request_body(
+    extra: dict[str, Any] | None, think: int | None = None, **kw: Any
+) -> dict[str, Any]:
+    """``extra_body`` of a greedy test request: token ids returned, EOS ignored,
+    ``vllm_xargs`` and vLLM's ``thinking_token_budget`` where given, plus ``kw``."""
+    body: dict[str, Any] = {"ignore_eos": True, "return_token_ids": True, **kw}
+    if extra is not None:
+        body["vllm_xargs"] = extra
+    if think is not None:
+        body["thinking_token_budget"] = think
+    return body
+
+
+def metric(server: str, name: str, **labels: str) -> float:
+    """Value of the ``/metrics`` sample ``name`` with exactly ``labels`` (0 if absent)."""
+    text = requests.get(f"{server}/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{"):
+            got = ",".join(sorted(line[line.index("{") + 1 : line.index("}")].split(",")))
+            if got == want:
+                return float(line.split()[-1])
+    return 0.0

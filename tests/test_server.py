@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 from conftest import generate_greedy
-from serving import served
+from serving import metric, request_body, served
 
 pytestmark = pytest.mark.server
 
@@ -73,15 +73,6 @@ def offline(checkpoint, engines):
     return run
 
 
-def _body(extra: dict[str, Any] | None, think: int | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"ignore_eos": True, "return_token_ids": True}
-    if extra is not None:
-        body["vllm_xargs"] = extra
-    if think is not None:
-        body["thinking_token_budget"] = think
-    return body
-
-
 def test_completions_per_request_budgets_match_offline(client, offline, prompts):
     cases = [
         ({"elastic_budget": "full"}, None),
@@ -93,7 +84,7 @@ def test_completions_per_request_budgets_match_offline(client, offline, prompts)
     for (extra, think), (ids, text) in zip(cases, want):
         r = client.completions.create(
             model=SERVED, prompt=prompts[2], max_tokens=10, temperature=0,
-            extra_body=_body(extra, think),
+            extra_body=request_body(extra, think),
         )  # fmt: skip
         assert r.choices[0].text == text, extra
         assert r.choices[0].model_extra["token_ids"] == ids, extra
@@ -107,7 +98,7 @@ def test_completions_per_request_budgets_match_offline(client, offline, prompts)
 def test_streaming_equals_non_streaming_and_reports_usage(client, prompts):
     kwargs = dict(
         model=SERVED, prompt=prompts[1], max_tokens=12, temperature=0,
-        extra_body=_body({"elastic_budget": "kv_half"}, None),
+        extra_body=request_body({"elastic_budget": "kv_half"}, None),
     )  # fmt: skip
     whole = client.completions.create(**kwargs)
     chunks = list(
@@ -132,7 +123,7 @@ def test_chat_default_policy_splits_reasoning_and_switches(client, offline, chec
     ((ids, _),) = offline([prompt_ids], [None], [5], 14)
     r = client.chat.completions.create(
         model=SERVED, messages=messages, max_tokens=14, temperature=0,
-        extra_body=_body(None, 5),
+        extra_body=request_body(None, 5),
     )  # fmt: skip
     msg = r.choices[0].message
     assert msg.model_extra["reasoning"].split() == tok.decode(ids[:5]).split()
@@ -143,7 +134,7 @@ def test_chat_default_policy_splits_reasoning_and_switches(client, offline, chec
 
     stream = client.chat.completions.create(
         model=SERVED, messages=messages, max_tokens=14, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body=_body(None, 5),
+        stream_options={"include_usage": True}, extra_body=request_body(None, 5),
     )  # fmt: skip
     reasoning, content, last = "", "", None
     for chunk in stream:
@@ -192,7 +183,7 @@ def test_metrics_count_tokens_per_budget(server, client, prompts):
     before = requests.get(f"{server}/metrics", timeout=10).text
     client.completions.create(
         model=SERVED, prompt=prompts[0], max_tokens=7, temperature=0,
-        extra_body=_body({"elastic_budget": "kv_half"}, None),
+        extra_body=request_body({"elastic_budget": "kv_half"}, None),
     )  # fmt: skip
     after = requests.get(f"{server}/metrics", timeout=10).text
     assert counter(after, "kv_half", "answer") - counter(before, "kv_half", "answer") == 7
@@ -228,7 +219,7 @@ def test_bounded_concurrent_load_matches_offline(server, offline, prompts, check
         prompt, extra, think, m = jobs[k]
         stream = await aclient.completions.create(
             model=SERVED, prompt=prompt, max_tokens=m, temperature=0, stream=True,
-            extra_body=_body(extra, think),
+            extra_body=request_body(extra, think),
         )  # fmt: skip
         text, finish = "", None
         async for chunk in stream:
@@ -288,34 +279,23 @@ def test_bad_policy_is_400_before_any_stream_with_a_short_message(
     assert len(r.text) < 2000
 
 
-def _metric(server: str, name: str, **labels: str) -> float:
-    text = requests.get(f"{server}/metrics", timeout=10).text
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{"):
-            got = ",".join(sorted(line[line.index("{") + 1 : line.index("}")].split(",")))
-            if got == want:
-                return float(line.split()[-1])
-    return 0.0
-
-
 def test_usage_counts_every_choice(server, client, prompts):
     """n=2: usage.elastic and the metrics count both choices."""
     labels = dict(think_budget="kv_half", answer_budget="kv_half", kv_mode="none")
-    requests_before = _metric(server, "vllm_elastic:requests_total", **labels)
-    tokens_before = _metric(
+    requests_before = metric(server, "vllm_elastic:requests_total", **labels)
+    tokens_before = metric(
         server, "vllm_elastic:generation_tokens_total", budget="kv_half", phase="answer"
     )
     r = client.completions.create(
         model=SERVED, prompt=prompts[1], max_tokens=6, n=2, temperature=0.8, seed=1,
-        extra_body=_body({"elastic_budget": "kv_half"}, None),
+        extra_body=request_body({"elastic_budget": "kv_half"}, None),
     )  # fmt: skip
     assert len(r.choices) == 2 and r.usage.completion_tokens == 12
     usage = r.usage.model_extra["elastic"]
     assert usage["tokens"] == {"kv_half": 12} and usage["choices"] == 2, usage
     assert usage["kv_mode"] is None  # one budget: no KV mode applies
-    assert _metric(server, "vllm_elastic:requests_total", **labels) == requests_before + 1
-    tokens_after = _metric(
+    assert metric(server, "vllm_elastic:requests_total", **labels) == requests_before + 1
+    tokens_after = metric(
         server, "vllm_elastic:generation_tokens_total", budget="kv_half", phase="answer"
     )
     assert tokens_after == tokens_before + 12
@@ -360,7 +340,7 @@ def test_slowly_read_stream_gets_the_final_usage(server, prompts):
 
 def test_aborted_requests_are_not_counted_as_finished(server, prompts):
     labels = dict(think_budget="kv_half", answer_budget="full", kv_mode="recompute")
-    before = _metric(server, "vllm_elastic:requests_total", **labels)
+    before = metric(server, "vllm_elastic:requests_total", **labels)
     body = {
         "model": SERVED, "prompt": prompts[3], "max_tokens": 400, "temperature": 0,
         "stream": True, "ignore_eos": True,
@@ -384,10 +364,10 @@ def test_aborted_requests_are_not_counted_as_finished(server, prompts):
         timeout=60,
     )
     assert ok.status_code == 200
-    assert _metric(server, "vllm_elastic:requests_total", **labels) == before
+    assert metric(server, "vllm_elastic:requests_total", **labels) == before
     # the same policy run to its end is counted, once: the series is exported
     done = requests.post(
         f"{server}/v1/completions", json={**body, "max_tokens": 2, "stream": False}, timeout=60
     )
     assert done.status_code == 200, done.text
-    assert _metric(server, "vllm_elastic:requests_total", **labels) == before + 1
+    assert metric(server, "vllm_elastic:requests_total", **labels) == before + 1

@@ -16,9 +16,8 @@ from typing import Any
 
 import openai
 import pytest
-import requests
 from conftest import CHECKPOINTS, REF_MAX_TOKENS, budget_names, hf_greedy
-from serving import served
+from serving import metric, request_body, served
 
 pytestmark = pytest.mark.server
 
@@ -54,15 +53,6 @@ def server(annotated, tmp_path_factory) -> Any:
         yield base
 
 
-def _body(extra: dict[str, Any] | None, think: int | None = None, **kw: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"ignore_eos": True, "return_token_ids": True, **kw}
-    if extra is not None:
-        body["vllm_xargs"] = extra
-    if think is not None:
-        body["thinking_token_budget"] = think
-    return body
-
-
 async def _complete_all(base: str, jobs: list[tuple[list[int], dict[str, Any], int]]) -> list:
     """Every job ``(prompt ids, extra body, max tokens)`` at once: one mixed batch."""
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
@@ -82,7 +72,7 @@ def test_every_budget_in_one_batch_equals_transformers_on_its_slice(server, hf_r
     jobs, want = [], []
     for i, prompt in enumerate(prompts):
         for b in names:
-            jobs.append((prompt, _body({"elastic_budget": b}), REF_MAX_TOKENS))
+            jobs.append((prompt, request_body({"elastic_budget": b}), REF_MAX_TOKENS))
             want.append((b, i, hf_reference(NAME, b)[i][0]))
     outs = asyncio.run(_complete_all(server, jobs))
     for (b, i, ids), r in zip(want, outs):
@@ -103,7 +93,7 @@ def test_small_thinks_full_answers_over_http(server, sliced, annotated, prompts)
     todo = [p + [start] for p in prompts[:2]]
     traces = [hf_greedy(sliced(NAME, THINK), [p], think)[0][0] + [end] for p in todo]
     conts = [hf_greedy(sliced(NAME, ANSWER), [p + t], answer)[0][0] for p, t in zip(todo, traces)]
-    jobs = [(p, _body(x, think), think + 1 + answer)
+    jobs = [(p, request_body(x, think), think + 1 + answer)
             for p in todo for x in ({"elastic_kv_mode": "recompute"}, None)]  # fmt: skip
     outs = asyncio.run(_complete_all(server, jobs))
     for k, r in enumerate(outs):
@@ -119,13 +109,6 @@ def test_small_thinks_full_answers_over_http(server, sliced, annotated, prompts)
             assert usage["kv_mode"] == "reuse"
 
 
-def _prefix_hits(base: str) -> float:
-    for line in requests.get(f"{base}/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm:prefix_cache_hits_total"):
-            return float(line.split()[-1])
-    raise AssertionError("no vllm:prefix_cache_hits_total in /metrics")
-
-
 def test_prefix_cache_hits_keep_outputs(server):
     """Long shared prefixes at several budgets: sent cold (a fresh ``cache_salt`` each) and
     again warm (one salt): the warm run reuses cached blocks (Mamba states at block
@@ -138,13 +121,15 @@ def test_prefix_cache_hits_keep_outputs(server):
 
     def run(salt: Any) -> list[list[int]]:
         outs = asyncio.run(_complete_all(server, [
-            (p, _body(x, cache_salt=salt(k)), 8) for k, (p, x) in enumerate(jobs)
+            (p, request_body(x, cache_salt=salt(k)), 8) for k, (p, x) in enumerate(jobs)
         ]))  # fmt: skip
         return [r.choices[0].model_extra["token_ids"] for r in outs]
 
     cold = run(lambda k: f"cold-{k}")
     run(lambda k: "warm")  # fills the cache under one salt
-    before = _prefix_hits(server)
+    before = metric(server, "vllm:prefix_cache_hits_total", engine="0", model_name=SERVED)
     warm = run(lambda k: "warm")
-    assert _prefix_hits(server) > before, "no cached block was reused"
+    assert metric(server, "vllm:prefix_cache_hits_total", engine="0", model_name=SERVED) > before, (
+        "no cached block was reused"
+    )
     assert warm == cold
