@@ -1,7 +1,10 @@
-"""vLLM's CPU kernels used directly: the oneDNN GEMM with prepacked weights and the fused
-RMSNorms (``_C.onednn_mm``, ``_C.rms_norm``, ``_C.fused_add_rms_norm``)."""
+"""vLLM's CPU kernels used directly: the oneDNN GEMM with prepacked weights, the fused
+RMSNorms and RoPE (``_C.onednn_mm``, ``_C.rms_norm``, ``_C.fused_add_rms_norm``,
+``_C.rotary_embedding``)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -52,3 +55,23 @@ def fused_add_rms_norm_(
 ) -> None:
     """In place: ``residual += x``; ``x = rms_norm(residual) * weight``."""
     torch.ops._C.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_(rope: Any, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """vLLM's fused CPU RoPE on ``q`` and ``k`` in place (``RotaryEmbedding.forward_cpu``,
+    what a layer runs with vLLM's custom ops on); False, untouched, where it does not
+    apply: not on CPU, a rope class with a CPU path of its own, no kernel in this build.
+
+    Outside a compiled graph vLLM's dispatch picks the PyTorch-native rope (about 20
+    tensor ops per call) whenever the engine compiles, which the graph would fuse; an
+    eager elastic forward (a mixed batch) calls the kernel instead."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    if (
+        q.device.type != "cpu"
+        or type(rope).forward_cpu is not RotaryEmbedding.forward_cpu
+        or not hasattr(torch.ops._C, "rotary_embedding")
+    ):
+        return False
+    rope.forward_cpu(positions, q, k)
+    return True

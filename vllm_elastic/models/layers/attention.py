@@ -29,7 +29,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.rotary_embedding import get_rope
 
-from vllm_elastic.compat import cpu_attention
+from vllm_elastic.compat import cpu_attention, cpu_kernels
 from vllm_elastic.compat.compile import is_compiling
 from vllm_elastic.compat.kv_groups import KVGroupAttention
 from vllm_elastic.models import scratch
@@ -222,7 +222,9 @@ class ElasticAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
             k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
-        if self.rotary_emb is not None:
+        if self.rotary_emb is not None and (
+            is_compiling() or not cpu_kernels.rotary_(self.rotary_emb, positions, q, k)
+        ):
             q, k = self.rotary_emb(positions, q, k)
         if not read:  # every segment skips the layer: K/V only, for a larger budget
             if self.group_attns is not None:
