@@ -10,7 +10,11 @@ load it. They need an x86-64 CPU with AVX2 and FMA, and run fp32.
 * ``mamba_decode.cpp``: an elastic Mamba-2 layer's decode step (conv + state update) in
   the elastic head order (``compat/mamba.py``);
 * ``mamba_norm.cpp``: its gated RMSNorm for the rows of every budget of a batch in one
-  pass (``kernels/mamba_norm.py``).
+  pass (``kernels/mamba_norm.py``);
+* ``silu_mul.cpp``: a gated MLP's ``SiLU(gate) * up`` for the rows of every budget in one
+  pass (``kernels/silu_mul.py``).
+
+``vec_math.h`` holds the vector exp / SiLU they share.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from vllm_elastic.log import get_logger
 logger = get_logger(__name__)
 
 SOURCES = [
-    Path(__file__).with_name(n) for n in ("nested_gemm.cpp", "mamba_decode.cpp", "mamba_norm.cpp")
+    Path(__file__).with_name(n)
+    for n in ("nested_gemm.cpp", "mamba_decode.cpp", "mamba_norm.cpp", "silu_mul.cpp")
 ]
 EXTENSION = "vllm_elastic_kernels"
 

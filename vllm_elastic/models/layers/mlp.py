@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_elastic.compat.compile import is_compiling
+from vllm_elastic.kernels.silu_mul import silu_mul_bands
 from vllm_elastic.models import scratch
 from vllm_elastic.models.layers.common import pack_linears, row_parallel_out, tp_rank_and_size
 from vllm_elastic.models.nested_linear import NestedLinear
@@ -172,10 +173,13 @@ class GatedMLP(_ElasticMLP):
         return self.down(self._activation(self.up(x, r, gu), r), r)
 
     def _activation(self, gu: torch.Tensor, r: list[tuple[int, int]]) -> torch.Tensor:
-        """SiLU(gate) * up, band by band of the band-major gate_up output."""
+        """SiLU(gate) * up of the band-major gate_up output: outside a graph, where the
+        plugin's kernels run (``blocked``), one fused call; else band by band."""
         inters = [self.inters[b] for b, _ in r]
         # each run's channels up to its own are written, and down reads no others
         act = scratch.buffer("mlp.act", gu.shape[0], max(inters), gu, overwritten=True)
+        if self.up.packing == "blocked" and not is_compiling():  # its kernels are built
+            return silu_mul_bands(act, gu, [m for _, m in r], inters, self.bounds)
         if len(r) == 1 and inters[0] == self.bounds[0]:
             n = self.bounds[0]
             return silu_mul(gu[:, : 2 * n], act)
