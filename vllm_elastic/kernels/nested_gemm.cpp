@@ -10,8 +10,7 @@
 //
 // The input rows are packed once per call (row tiles as [k][tile rows], 8x8 transposes,
 // in pieces of 256 columns spread over the threads); threads split the 16-row weight
-// blocks. Few rows (decode, up to 64 with avx512): each block's strip streams
-// once over all of k, and while a strip ends the start of the next one is prefetched (a
+// blocks. Few rows (decode): each block's strip streams once over all of k, and while a strip ends the start of the next one is prefetched (a
 // budget's strips have gaps, the rest of K, that stop the hardware prefetcher). Many rows
 // (Goto order): a panel of 32 blocks x a k slice stays in L2 while chunks of 240 rows pass
 // over it, each block's slice in L1 for the chunk's tiles.
@@ -36,8 +35,7 @@ constexpr int64_t NR = 16;       // outputs per block (two ymm, one zmm)
 constexpr int64_t MR = 6;        // rows per avx2 micro-tile
 constexpr int64_t WR = 24;       // rows per avx512 micro-tile
 constexpr int64_t MC = 240;      // rows per chunk (packed inputs in L2)
-constexpr int64_t SMALL_M = 24;  // up to this many rows: no k slicing (avx2)
-constexpr int64_t SMALL_M_WIDE = 64;  // the same for avx512 (measured: 2-8% at 32-64 rows)
+constexpr int64_t SMALL_M = 24;  // up to this many rows: no k slicing
 constexpr int64_t JB = 32;       // blocks per weight panel (L2)
 constexpr int64_t PACK_K = 256;      // input columns per packing work item
 constexpr int64_t PACK_MIN = 32768;  // floats per packing thread (fewer: no fork)
@@ -218,9 +216,8 @@ void nested_mm(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp,
   if (M == 0 || nmax == 0) return;
   const bool wide = use_avx512;
   const int64_t tr = wide ? WR : MR;       // rows per tile
-  const int64_t kc_many = wide ? 1024 : 256;  // k per slice when rows are many
-  const int64_t few = wide ? SMALL_M_WIDE : SMALL_M;
-  const int64_t kslice = M <= few ? std::max<int64_t>(kall, 1) : kc_many;
+  const int64_t kc_many = wide ? 512 : 256;  // k per slice when rows are many
+  const int64_t kslice = M <= SMALL_M ? std::max<int64_t>(kall, 1) : kc_many;
   const int64_t NB = (nmax + NR - 1) / NR;
 
   // Row tiles of up to ``tr`` rows (never across segments), packed once for all threads
