@@ -29,14 +29,34 @@ def test_each_budget_alone_matches_sliced_checkpoint(name, budget, oracle, elast
         assert_same_output(g, w, f"{name}/{budget} prompt {i}")
 
 
-@pytest.mark.parametrize("below_full", [False, True], ids=["all", "below-full"])
-@pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_budgets_mixed_in_one_batch(name, below_full, oracle, elastic_llm, prompts):
+def _every_layer(name: str) -> list[str]:
+    """The budgets of ``name`` that run every layer."""
+    return [b["name"] for b in CHECKPOINTS[name]["budgets"] if "layers" not in b]
+
+
+MIXES = {
+    "all": budget_names,
+    "below-full": lambda name: budget_names(name)[1:],
+    # no budget skips a layer: a Llama / Qwen3 batch runs stacked (run_stacked)
+    "every-layer": _every_layer,
+}
+
+
+@pytest.mark.parametrize(
+    "name,mix",
+    [
+        (name, mix)
+        for name in CHECKPOINTS
+        for mix in MIXES
+        if mix != "every-layer" or _every_layer(name) != budget_names(name)
+    ],
+)
+def test_budgets_mixed_in_one_batch(name, mix, oracle, elastic_llm, prompts):
     """Interleaved budgets and prompt lengths; different max_tokens so rows finish at
-    different steps and the persistent batch condenses (rows move). Every budget, or
-    every one but the full one (attention then reads the widest one's KV groups, fewer
-    than every token writes)."""
-    budgets = budget_names(name)[1:] if below_full else budget_names(name)
+    different steps and the persistent batch condenses (rows move). Every budget, every
+    one but the full one (attention then reads the widest one's KV groups, fewer than
+    every token writes), and, where some budget skips layers, those that do not."""
+    budgets = MIXES[mix](name)
     refs = {b: oracle(name, b) for b in budgets}
     llm = elastic_llm(name)
     batch, extra, max_tokens, want = [], [], [], []

@@ -12,7 +12,9 @@ load it. They need an x86-64 CPU with AVX2 and FMA, and run fp32.
 * ``mamba_norm.cpp``: its gated RMSNorm for the rows of every budget of a batch in one
   pass (``kernels/mamba_norm.py``);
 * ``silu_mul.cpp``: a gated MLP's ``SiLU(gate) * up`` for the rows of every budget in one
-  pass (``kernels/silu_mul.py``).
+  pass (``kernels/silu_mul.py``);
+* ``seg_norm.cpp``: the fused add-RMSNorm of a mixed batch stacked in one buffer, every
+  budget's rows at their width in one pass (``kernels/seg_norm.py``).
 
 ``vec_math.h`` holds the vector exp / SiLU they share.
 """
@@ -32,7 +34,13 @@ logger = get_logger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("nested_gemm.cpp", "mamba_decode.cpp", "mamba_norm.cpp", "silu_mul.cpp")
+    for n in (
+        "nested_gemm.cpp",
+        "mamba_decode.cpp",
+        "mamba_norm.cpp",
+        "silu_mul.cpp",
+        "seg_norm.cpp",
+    )
 ]
 EXTENSION = "vllm_elastic_kernels"
 

@@ -26,14 +26,15 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from vllm_elastic import compat
-from vllm_elastic.compat.compile import compile_settings
+from vllm_elastic.compat.compile import compile_settings, is_compiling
 from vllm_elastic.compat.logits import sliced_logits
 from vllm_elastic.compat.runner import check_v1_runner
+from vllm_elastic.kernels import seg_norm
 from vllm_elastic.log import get_logger
 from vllm_elastic.models import norm
 from vllm_elastic.models.budget_graphs import BudgetGraphs, GraphKey
 from vllm_elastic.models.nested_linear import requested_packing, resolve_packing
-from vllm_elastic.models.routing import BudgetRouter, Segment, put
+from vllm_elastic.models.routing import BudgetRouter, Segment, Stack, put, stacked_index
 from vllm_elastic.spec.budgets import ElasticSpec
 from vllm_elastic.spec.engine_options import engine_options
 
@@ -78,6 +79,7 @@ class ElasticForCausalLM(nn.Module):
         self.widths = np.array([b.hidden_size for b in self.spec.budgets])
         self.router = BudgetRouter(vllm_config, self.spec)
         self.weight_packing: dict[str, str] = {}
+        self.stacked_budgets: frozenset[int] | None = None  # set once weights are packed
         self.budget_graphs = self._budget_graphs(vllm_config)
 
     def make_layer(self, vllm_config: VllmConfig, layer: int, prefix: str) -> nn.Module:
@@ -119,6 +121,8 @@ class ElasticForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """The layer stack and final norm: one segment's output at its budget's width,
         several segments' in forward token order at the parent's width."""
+        if len(segments) > 1 and self._stacks(segments):
+            return self.run_stacked(positions, segments, num_tokens)
         for layer in self.layers:
             layer(positions, segments, num_tokens)
         if len(segments) == 1:
@@ -126,6 +130,51 @@ class ElasticForCausalLM(nn.Module):
         out = segments[0].hidden.new_zeros(num_tokens, self.hidden_size)
         for seg in segments:
             put(out[:, : seg.hidden.shape[1]], seg.idx, self._final_norm(seg))
+        return out
+
+    def _stacks(self, segments: list[Segment]) -> bool:
+        """Whether a mixed batch runs stacked (``run_stacked``): outside a graph, when
+        every layer supports it and every budget of the batch runs every layer."""
+        ok = self.stacked_budgets
+        return ok is not None and not is_compiling() and all(s.budget in ok for s in segments)
+
+    def _stacked_budgets(self) -> frozenset[int] | None:
+        """The budgets a mixed batch may stack (``Stack``): those that run every layer,
+        where every layer has ``forward_stacked`` and packs ``blocked`` (the plugin's
+        kernels are built) on one rank; None where it cannot run."""
+        if get_tensor_model_parallel_world_size() > 1 or not all(
+            hasattr(layer, "forward_stacked") and layer.stackable() for layer in self.layers
+        ):
+            return None
+        if any(nl.packing != "blocked" for layer in self.layers for nl in layer.linears()):
+            return None
+        every = range(self.spec.parent.num_layers)
+        return frozenset(b.index for b in self.spec.budgets if all(b.keeps_layer(i) for i in every))
+
+    def run_stacked(
+        self, positions: torch.Tensor, segments: list[Segment], num_tokens: int
+    ) -> torch.Tensor:
+        """``run_segments`` of a mixed batch on its residual stream stacked in one buffer
+        (``Stack``): per layer one call per norm and projection, one gather into forward
+        order for attention and one back, instead of a call per segment and a copy per
+        stack. Exactly the routed forward's arithmetic, row by row."""
+        rows = [s.rows for s in segments]
+        widths = [s.hidden.shape[1] for s in segments]
+        hidden = segments[0].hidden.new_zeros(sum(rows), max(widths))
+        start = 0
+        for seg, m in zip(segments, rows):
+            hidden[start : start + m, : seg.hidden.shape[1]] = seg.hidden
+            start += m
+        order = stacked_index(segments, num_tokens)
+        st = Stack(hidden, torch.zeros_like(hidden), rows, widths, order)
+        for layer in self.layers:
+            layer.forward_stacked(positions, st, segments, num_tokens)
+        seg_norm.add_rms_norm(st.hidden, st.residual, self.norm.weight, rows, widths, self.eps)
+        out = st.hidden.new_zeros(num_tokens, self.hidden_size)
+        start = 0
+        for seg, m, w in zip(segments, rows, widths):
+            put(out[:, :w], seg.idx, st.hidden[start : start + m, :w])
+            start += m
         return out
 
     def budget_mixes(self) -> list[list[int]]:
@@ -188,6 +237,7 @@ class ElasticForCausalLM(nn.Module):
             for name, how in layer.pack(packing).items():
                 used[name] = how if used.get(name, how) == how else "mixed"
         self.weight_packing = {"requested": requested, **used}
+        self.stacked_budgets = self._stacked_budgets()
         if "mixed" in used.values() or (packing != "views" and "views" in used.values()):
             logger.warning(
                 "vllm-elastic: some projections are not nested chains over the budgets and "

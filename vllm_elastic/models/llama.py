@@ -9,12 +9,13 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
 
+from vllm_elastic.kernels import seg_norm
 from vllm_elastic.models import norm
 from vllm_elastic.models.base import ElasticForCausalLM, kept_flags, layer_inputs, split_name
 from vllm_elastic.models.layers.attention import ElasticAttention
 from vllm_elastic.models.layers.mlp import GatedMLP
 from vllm_elastic.models.nested_linear import NestedLinear
-from vllm_elastic.models.routing import Segment
+from vllm_elastic.models.routing import Segment, Stack
 from vllm_elastic.spec.families.llama import head_dim
 
 
@@ -53,6 +54,23 @@ class ElasticLlamaDecoderLayer(nn.Module):
         segs = [s for s, _ in kept]
         for seg, y in zip(segs, self.mlp(xs, segs)):
             seg.hidden = y.contiguous()
+
+    def stackable(self) -> bool:
+        return self.self_attn.stackable()
+
+    def forward_stacked(
+        self, positions: torch.Tensor, st: Stack, segments: list[Segment], num_tokens: int
+    ) -> None:
+        """The layer for a stacked batch (every segment keeps it): two stacked pre-norms,
+        one projection call each, no per-segment copies."""
+        seg_norm.add_rms_norm(
+            st.hidden, st.residual, self.input_layernorm.weight, st.rows, st.widths, self.eps
+        )
+        y = self.self_attn.forward_stacked(positions, st.hidden, segments, st.order, num_tokens)
+        seg_norm.add_rms_norm(
+            y, st.residual, self.post_attention_layernorm.weight, st.rows, st.widths, self.eps
+        )
+        st.hidden = self.mlp.forward_stacked(y, segments)
 
     def load_hf_weight(self, name: str, w: torch.Tensor) -> list[str]:
         """One HF tensor of this layer (``self_attn.q_proj.weight``, ...) into place."""

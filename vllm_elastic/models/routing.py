@@ -3,7 +3,8 @@
 Every forward groups the batch's tokens by budget (``BudgetRouter.route``), largest
 budget first: that makes each nested projection's shells apply to a prefix of the
 stacked rows (``NestedLinear``). A batch of one budget is one segment with no gather.
-Layers update each segment's residual stream in place.
+Layers update each segment's residual stream in place; an eager mixed batch of a family
+whose layers support it keeps the segments' streams stacked in one buffer (``Stack``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,21 @@ class Segment:
     def stream(self) -> torch.Tensor:
         """The residual stream a skipped layer passes through."""
         return self.hidden if self.residual is None else self.hidden + self.residual
+
+
+@dataclass
+class Stack:
+    """A mixed batch's residual stream stacked in one buffer: every segment's rows in
+    segment order (largest budget first), each row's values in its budget's first
+    ``widths`` columns (the rest hold finite leftovers nothing reads). Layers that run
+    every budget of the batch update it in place with one call per norm and projection
+    (``ElasticForCausalLM.run_stacked``) instead of one per segment."""
+
+    hidden: torch.Tensor  # [rows, widest]: the last layer's output, then its normed input
+    residual: torch.Tensor  # [rows, widest]
+    rows: list[int]  # per segment
+    widths: list[int]  # per segment: its budget's hidden size
+    order: torch.Tensor | None  # the forward token of each stacked row; None: in order
 
 
 def runs(segments: list[Segment]) -> list[tuple[int, int]]:

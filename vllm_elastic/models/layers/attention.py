@@ -255,6 +255,50 @@ class ElasticAttention(nn.Module):
         )
         return [next(o) if self.cuts[s.budget].kept else None for s in segments]
 
+    def stackable(self) -> bool:
+        """Whether ``forward_stacked`` serves this layer (the default KV layout)."""
+        return self.group_attns is None
+
+    def forward_stacked(
+        self, positions: torch.Tensor, x: torch.Tensor, segments: list[Segment],
+        order: torch.Tensor | None, num_tokens: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attention of a stacked batch (``Stack``: every segment keeps the layer, one
+        rank, eager): ``x`` its normed inputs, ``order`` the forward token of each stacked
+        row. One gather into forward order for attention and one back, where the routed
+        forward scatters q, k and v and gathers the heads per segment; returns o_proj's
+        output ``[rows, widest]``."""
+        ks, r = self.kv_size, runs(segments)
+        qkv = self.qkv(x, r, scratch.buffer("stack.qkv", x.shape[0], self.qkv.out_width(r), x))
+        if order is not None:
+            fwd = scratch.buffer("stack.qkv_fwd", num_tokens, qkv.shape[1], qkv)
+            qkv = fwd.index_copy_(0, order, qkv)
+        # a smaller budget's rows hold finite leftovers past its q columns: heads that
+        # are attended and then dropped
+        groups = max(self.cuts[s.budget].kv_groups for s in segments)
+        q = qkv[:, 2 * ks : 2 * ks + groups * self.group * self.head_dim]
+        k, v = qkv[:, :ks], qkv[:, ks : 2 * ks]
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
+            k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
+        if self.rotary_emb is not None and not cpu_kernels.rotary_(
+            self.rotary_emb, positions, q, k
+        ):
+            q, k = self.rotary_emb(positions, q, k)
+        out = cpu_attention.attend_heads(self.attn, q, k, v, groups) if groups < self.n_kv else None
+        if out is None:
+            out = self.attn(widen(q, self.q_size) if q.shape[1] != self.q_size else q, k, v)
+        heads = out if order is None else out.index_select(0, order)
+        start = 0
+        for seg in segments:  # kept groups' dropped heads: zero
+            cut = self.cuts[seg.budget]
+            if cut.heads_per_group < self.group:
+                part = heads[start : start + seg.rows, : cut.q_rows]
+                part = part.view(seg.rows, cut.kv_groups, self.group, self.head_dim)
+                part[:, :, cut.heads_per_group :] = 0
+            start += seg.rows
+        return self.o(heads, r)
+
     def _attend_groups(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read_heads: int
     ) -> torch.Tensor | None:

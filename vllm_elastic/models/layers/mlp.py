@@ -124,20 +124,26 @@ class _ElasticMLP(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, xs: list[torch.Tensor], segments: list[Segment]) -> list[torch.Tensor]:
         """The MLP of every segment (all keep the layer), at each segment's width."""
-        r = runs(segments)
-        x = stack(xs)
-        if is_compiling() or x.shape[0] <= self.mlp_window:  # a graph has no size branches
-            y = self._window(x, r)
-        else:
-            y = None
-            for start, window in windows(r, self.mlp_window):
-                rows = sum(m for _, m in window)
-                part = self._window(x[start : start + rows], window)
-                if y is None:  # the first window holds the widest budget (runs descend)
-                    y = part.new_empty(x.shape[0], part.shape[1])
-                y[start : start + rows, : part.shape[1]] = part
+        y = self._apply(stack(xs), runs(segments))
         widths = [self.hiddens[s.budget] for s in segments]
         return row_parallel_out(y, self.down_bias, segments, widths, self.tp_size)
+
+    def forward_stacked(self, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """The MLP of a stacked batch (``Stack``, one rank): ``[rows, widest]``."""
+        return self._apply(x, runs(segments))
+
+    def _apply(self, x: torch.Tensor, r: list[tuple[int, int]]) -> torch.Tensor:
+        """Down-projection output of the stacked rows ``x`` (runs ``r``), before the reduce."""
+        if is_compiling() or x.shape[0] <= self.mlp_window:  # a graph has no size branches
+            return self._window(x, r)
+        y = None
+        for start, window in windows(r, self.mlp_window):
+            rows = sum(m for _, m in window)
+            part = self._window(x[start : start + rows], window)
+            if y is None:  # the first window holds the widest budget (runs descend)
+                y = part.new_empty(x.shape[0], part.shape[1])
+            y[start : start + rows, : part.shape[1]] = part
+        return y
 
     def _window(self, x: torch.Tensor, r: list[tuple[int, int]]) -> torch.Tensor:
         raise NotImplementedError
