@@ -75,8 +75,7 @@ def test_blocked_kernel_at_every_row_regime(rows, kernel_isa):
     """The nested GEMM's paths on both micro-kernel families: partial tiles (6 rows avx2,
     24 avx512), few rows (k unsliced, the next strip prefetched across the budget's gap),
     many rows (k in slices, rows in chunks of 240), an output width not a multiple of 16,
-    a k not a multiple of 8 (the packing's scalar edge), inputs packed in pieces of 256
-    columns."""
+    a k not a multiple of 8 (the packing's scalar edge)."""
     torch.manual_seed(rows)
     weight, bias = torch.randn(200, 1100), torch.randn(200)
     points = [(40, 301), (200, 1100)]

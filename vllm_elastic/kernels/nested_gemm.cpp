@@ -8,9 +8,9 @@
 // budget of a nested linear (and a batch mixing budgets) is one call reading each weight
 // element from memory once.
 //
-// The input rows are packed once per call (row tiles as [k][tile rows], 8x8 transposes,
-// in pieces of 256 columns spread over the threads); threads split the 16-row weight
-// blocks. Few rows (decode): each block's strip streams once over all of k, and while a strip ends the start of the next one is prefetched (a
+// The input rows are packed once per call (row tiles as [k][tile rows], 8x8 transposes);
+// threads split the 16-row weight blocks. Few rows (decode): each block's strip streams
+// once over all of k, and while a strip ends the start of the next one is prefetched (a
 // budget's strips have gaps, the rest of K, that stop the hardware prefetcher). Many rows
 // (Goto order): a panel of 32 blocks x a k slice stays in L2 while chunks of 240 rows pass
 // over it, each block's slice in L1 for the chunk's tiles.
@@ -37,8 +37,7 @@ constexpr int64_t WR = 24;       // rows per avx512 micro-tile
 constexpr int64_t MC = 240;      // rows per chunk (packed inputs in L2)
 constexpr int64_t SMALL_M = 24;  // up to this many rows: no k slicing
 constexpr int64_t JB = 32;       // blocks per weight panel (L2)
-constexpr int64_t PACK_K = 256;      // input columns per packing work item
-constexpr int64_t PACK_MIN = 32768;  // floats per packing thread (fewer: no fork)
+constexpr int64_t PACK_GRAIN = 16;  // row tiles per packing thread (fewer: no fork)
 constexpr int64_t TAIL_PF = 512;    // last k steps of a strip that prefetch the next one
 
 // y[R][16] = a (packed [kc][MR]) @ w ([kc][16]) + (y if acc_from_y, else bias if any)
@@ -237,17 +236,10 @@ void nested_mm(at::Tensor& y, const at::Tensor& x, const at::Tensor& wp,
   static thread_local std::vector<float> apack_store;
   if (static_cast<int64_t>(apack_store.size()) < packed) apack_store.resize(packed);
   float* const apack_data = apack_store.data();
-  // packed in work items of (tile, PACK_K columns), so the few tall tiles of a decode
-  // batch with a long k still pack on every thread; a small call packs on this one
-  std::vector<std::pair<int64_t, int64_t>> items;  // (tile, first column)
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t c = 0; c < seg_k[tiles[t].seg]; c += PACK_K) items.emplace_back(t, c);
-  const int64_t grain = std::max<int64_t>(1, PACK_MIN / (tr * PACK_K));
-  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const Tile& tl = tiles[items[i].first];
-      const int64_t c = items[i].second, kc = std::min(PACK_K, seg_k[tl.seg] - c);
-      pack_rows(X + tl.row * ldx + c, ldx, tl.rows, kc, apack_data + tl.off + c * tl.ld, tl.ld);
+  at::parallel_for(0, T, PACK_GRAIN, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tile& tl = tiles[t];
+      pack_rows(X + tl.row * ldx, ldx, tl.rows, seg_k[tl.seg], apack_data + tl.off, tl.ld);
     }
   });
   const int64_t TC = MC / tr;  // tiles per chunk: a chunk's k slice of packed rows in L2
