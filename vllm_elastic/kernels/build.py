@@ -21,6 +21,7 @@ load it. They need an x86-64 CPU with AVX2 and FMA, and run fp32.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from pathlib import Path
@@ -59,6 +60,15 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> str | None:
     return None
 
 
+def _headers_hash() -> str:
+    """A digest of the shared headers: torch rebuilds a cached extension when its sources
+    or flags change, and this flag carries the headers' content into that check."""
+    digest = hashlib.sha256()
+    for header in sorted(Path(__file__).parent.glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load() -> None:
     """Compile (first use on this machine) and load the kernels; ElasticConfigError if
     that fails, with the compiler's reason."""
@@ -72,7 +82,7 @@ def load() -> None:
         build(
             name=EXTENSION,
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DHEADERS={_headers_hash()}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -21,6 +21,7 @@
 namespace {
 
 using vllm_elastic_vec::exp8;
+using vllm_elastic_vec::hsum8;
 using vllm_elastic_vec::silu;
 
 // v[p] = y[p] * silu(z[p]) for p < P; returns sum of v[p]^2
@@ -36,10 +37,7 @@ inline float gate_row(const float* y, const float* z, float* v, int64_t P) {
     _mm256_storeu_ps(v + p, vv);
     acc = _mm256_fmadd_ps(vv, vv, acc);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float sum = 0.f;
-  for (float l : lanes) sum += l;
+  float sum = hsum8(acc);
   for (; p < P; ++p) {
     v[p] = y[p] * silu(z[p]);
     sum += v[p] * v[p];

@@ -14,6 +14,8 @@
 #include <cmath>
 #include <vector>
 
+#include "vec_math.h"
+
 void segments_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
                            at::IntArrayRef seg_rows, at::IntArrayRef seg_width, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && residual.scalar_type() == at::kFloat &&
@@ -53,10 +55,7 @@ void segments_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor
         _mm256_storeu_ps(sr + i, v);
         acc = _mm256_fmadd_ps(v, v, acc);
       }
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, acc);
-      float sum = 0.f;
-      for (float l : lanes) sum += l;
+      float sum = vllm_elastic_vec::hsum8(acc);
       for (; i < w; ++i) {
         sr[i] += xr[i];
         sum += sr[i] * sr[i];

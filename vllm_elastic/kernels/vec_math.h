@@ -29,6 +29,15 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// sum of 8 floats (lane 0 first)
+inline float hsum8(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float sum = 0.f;
+  for (float l : lanes) sum += l;
+  return sum;
+}
+
 // silu of 8 floats: x / (1 + exp(-x))
 inline __m256 silu8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
