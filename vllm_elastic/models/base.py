@@ -34,7 +34,14 @@ from vllm_elastic.log import get_logger
 from vllm_elastic.models import norm
 from vllm_elastic.models.budget_graphs import BudgetGraphs, GraphKey
 from vllm_elastic.models.nested_linear import requested_packing, resolve_packing
-from vllm_elastic.models.routing import BudgetRouter, Segment, Stack, put, stacked_index
+from vllm_elastic.models.routing import (
+    BudgetRouter,
+    Segment,
+    Stack,
+    put,
+    stack,
+    stacked_index,
+)
 from vllm_elastic.spec.budgets import ElasticSpec
 from vllm_elastic.spec.engine_options import engine_options
 
@@ -127,9 +134,16 @@ class ElasticForCausalLM(nn.Module):
             layer(positions, segments, num_tokens)
         if len(segments) == 1:
             return self._final_norm(segments[0])
-        out = segments[0].hidden.new_zeros(num_tokens, self.hidden_size)
-        for seg in segments:
-            put(out[:, : seg.hidden.shape[1]], seg.idx, self._final_norm(seg))
+        return self._in_forward_order(segments, [self._final_norm(s) for s in segments], num_tokens)
+
+    def _in_forward_order(
+        self, segments: list[Segment], parts: list[torch.Tensor], num_tokens: int
+    ) -> torch.Tensor:
+        """Each segment's final hidden states (at its width) in forward token order, at
+        the parent's width (zeros past a row's budget)."""
+        out = parts[0].new_zeros(num_tokens, self.hidden_size)
+        for seg, part in zip(segments, parts):
+            put(out[:, : part.shape[1]], seg.idx, part)
         return out
 
     def _stacks(self, segments: list[Segment]) -> bool:
@@ -160,22 +174,14 @@ class ElasticForCausalLM(nn.Module):
         stack. Exactly the routed forward's arithmetic, row by row."""
         rows = [s.rows for s in segments]
         widths = [s.hidden.shape[1] for s in segments]
-        hidden = segments[0].hidden.new_zeros(sum(rows), max(widths))
-        start = 0
-        for seg, m in zip(segments, rows):
-            hidden[start : start + m, : seg.hidden.shape[1]] = seg.hidden
-            start += m
+        hidden = stack([s.hidden for s in segments])
         order = stacked_index(segments, num_tokens)
         st = Stack(hidden, torch.zeros_like(hidden), rows, widths, order)
         for layer in self.layers:
             layer.forward_stacked(positions, st, segments, num_tokens)
         seg_norm.add_rms_norm(st.hidden, st.residual, self.norm.weight, rows, widths, self.eps)
-        out = st.hidden.new_zeros(num_tokens, self.hidden_size)
-        start = 0
-        for seg, m, w in zip(segments, rows, widths):
-            put(out[:, :w], seg.idx, st.hidden[start : start + m, :w])
-            start += m
-        return out
+        parts = [h[:, :w] for h, w in zip(st.hidden.split(rows), widths)]
+        return self._in_forward_order(segments, parts, num_tokens)
 
     def budget_mixes(self) -> list[list[int]]:
         """Every set of budgets a batch can hold, each largest budget first (the

@@ -101,7 +101,7 @@ class Segment:
 class Stack:
     """A mixed batch's residual stream stacked in one buffer: every segment's rows in
     segment order (largest budget first), each row's values in its budget's first
-    ``widths`` columns (the rest hold finite leftovers nothing reads). Layers that run
+    ``widths`` columns (the rest hold values nothing reads). Layers that run
     every budget of the batch update it in place with one call per norm and projection
     (``ElasticForCausalLM.run_stacked``) instead of one per segment."""
 

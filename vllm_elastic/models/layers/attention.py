@@ -219,27 +219,17 @@ class ElasticAttention(nn.Module):
                 rows = self.cuts[seg.budget].q_rows if self.cuts[seg.budget].kept else 0
                 if rows:
                     put(q[:, :rows], seg.idx, part[:, 2 * ks : 2 * ks + rows])
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
-            k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
-        if self.rotary_emb is not None and (
-            is_compiling() or not cpu_kernels.rotary_(self.rotary_emb, positions, q, k)
-        ):
-            q, k = self.rotary_emb(positions, q, k)
+        q, k = self._norm_and_rope(positions, q, k, num_tokens)
         if not read:  # every segment skips the layer: K/V only, for a larger budget
             if self.group_attns is not None:
                 self._attend_groups(q, k, v, 0)
             else:
                 cpu_attention.write_kv(self.attn, k, v)
             return [None] * len(segments)
-        out = None
         if self.group_attns is not None:
             out = self._attend_groups(q, k, v, groups)
-        elif own:
-            q_read = q[:, : groups * self.group * self.head_dim]
-            out = cpu_attention.attend_heads(self.attn, q_read, k, v, groups)
-        if out is None:
-            out = self.attn(widen(q, qs) if q.shape[1] != qs else q, k, v)
+        else:
+            out = self._attend(q, k, v, groups)
         kept = [s for s in segments if self.cuts[s.budget].kept]
         if not kept:
             return [None] * len(segments)
@@ -278,16 +268,8 @@ class ElasticAttention(nn.Module):
         groups = max(self.cuts[s.budget].kv_groups for s in segments)
         q = qkv[:, 2 * ks : 2 * ks + groups * self.group * self.head_dim]
         k, v = qkv[:, :ks], qkv[:, ks : 2 * ks]
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
-            k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(num_tokens, ks)
-        if self.rotary_emb is not None and not cpu_kernels.rotary_(
-            self.rotary_emb, positions, q, k
-        ):
-            q, k = self.rotary_emb(positions, q, k)
-        out = cpu_attention.attend_heads(self.attn, q, k, v, groups) if groups < self.n_kv else None
-        if out is None:
-            out = self.attn(widen(q, self.q_size) if q.shape[1] != self.q_size else q, k, v)
+        q, k = self._norm_and_rope(positions, q, k, num_tokens)
+        out = self._attend(q, k, v, groups)
         heads = out if order is None else out.index_select(0, order)
         start = 0
         for seg in segments:  # kept groups' dropped heads: zero
@@ -298,6 +280,36 @@ class ElasticAttention(nn.Module):
                 part[:, :, cut.heads_per_group :] = 0
             start += seg.rows
         return self.o(heads, r)
+
+    def _norm_and_rope(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head q/k RMSNorm (Qwen3), then RoPE: outside a graph on CPU vLLM's fused
+        kernel in place (``cpu_kernels.rotary_``), else the layer's own dispatch."""
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
+            k = self.k_norm(k.reshape(num_tokens, self.n_kv, self.head_dim)).view(
+                num_tokens, self.kv_size
+            )
+        if self.rotary_emb is not None and (
+            is_compiling() or not cpu_kernels.rotary_(self.rotary_emb, positions, q, k)
+        ):
+            q, k = self.rotary_emb(positions, q, k)
+        return q, k
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int
+    ) -> torch.Tensor:
+        """Default layout: attention of the batch's first ``groups`` KV groups (their own
+        heads where ``attend_heads`` serves the layer), else vLLM's path at the parent's
+        head count (``q`` widened; the extra heads' output is dropped by the caller)."""
+        out = None
+        if groups < self.n_kv:
+            q_read = q[:, : groups * self.group * self.head_dim]
+            out = cpu_attention.attend_heads(self.attn, q_read, k, v, groups)
+        if out is None:
+            out = self.attn(widen(q, self.q_size) if q.shape[1] != self.q_size else q, k, v)
+        return out
 
     def _attend_groups(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, read_heads: int
